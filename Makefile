@@ -1,0 +1,59 @@
+# coattn-vqa — every target installs what it needs first (`.venv` from uv.lock).
+# Hydra overrides go in ARGS, e.g. `make train ARGS="fusion=alternating trainer.max_epochs=5"`.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+UV      ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+ARGS    ?=
+CKPT    ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install train eval sweep test test-full lint format bench clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(UV):
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --user --quiet uv
+
+# uv (not pip) resolves torch + torchvision as a matching pair from the registry.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --all-extras --python 3.11
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv from uv.lock (idempotent)
+
+train: $(STAMP) ## Train the quick-start experiment on the embedded synthetic data (ARGS=overrides)
+	$(PYTHON) train.py $(ARGS)
+
+eval: $(STAMP) ## Evaluate a checkpoint: make eval CKPT=path/to.ckpt [ARGS=...]
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/checkpoint.ckpt [ARGS='data=vqav2 data.root=...']"; exit 2; }
+	$(PYTHON) -m vqa.eval ckpt_path=$(CKPT) $(ARGS)
+
+sweep: $(STAMP) ## Small fusion comparison on the synthetic set (Hydra multirun)
+	$(PYTHON) train.py -m experiment=sweep_fusions $(ARGS)
+
+test: $(STAMP) ## Fast test suite (what CI runs)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-full: $(STAMP) ## Full test suite, slow tests included
+	$(PYTHON) -m pytest -m "" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## Ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## Ruff autofix + format
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP) ## Benchmarks (JSON + markdown table under logs/bench)
+	$(PYTHON) scripts/model_stats.py --out logs/bench/model_stats.json $(ARGS)
+
+clean: ## Remove caches and outputs (keeps .venv and data/)
+	rm -rf logs .pytest_cache .ruff_cache outputs multirun
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,171 @@
+"""Every option of every config group composes, and instantiates what it contributes.
+
+The options are globbed from `configs/`, so a new yaml file is tested with no edit here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from tests.helpers import CONFIG_DIR, ROOT, TINY_OVERRIDES, compose_config
+
+GROUPS = [
+    "data",
+    "model/visual",
+    "model/text",
+    "fusion",
+    "head",
+    "trainer",
+    "callbacks",
+    "logger",
+    "debug",
+    "experiment",
+    "hparams_search",
+]
+# Options that need the network (hub weights): they must compose and fail fast offline.
+NEEDS_HUB = {("model/text", "bert_base_uncased"), ("model/visual", "resnet101_imagenet")}
+# Overrides a group option needs to compose here (mandatory paths).
+REQUIRED = {("data", "vqav2"): ["data.root=/nonexistent/vqa"]}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+CASES = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def all_targets(node) -> list[str]:
+    """Every `_target_` in a config tree."""
+    found = []
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            found.append(node._target_)
+        for key in node:
+            found += all_targets(node._get_node(key))
+    elif isinstance(node, ListConfig):
+        for item in node:
+            found += all_targets(item)
+    return found
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        if group != "hparams_search":
+            assert options(group), f"configs/{group}/ has no options"
+
+
+@pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
+    overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
+    composed = compose_config("train", overrides, tmp_path)
+    # resolved copy without the (read-only) hydra node, as vqa.train sees it
+    cfg = OmegaConf.create(
+        {
+            key: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+            for key, node in composed.items()
+            if key != "hydra"
+        }
+    )
+    # every _target_ anywhere in the composed tree must be importable
+    for target in all_targets(cfg):
+        assert callable(get_method(target)), target
+
+    if group in ("trainer", "debug", "experiment", "hparams_search"):
+        cfg.trainer.accelerator = "cpu"  # GPU presets are checked for structure on CPU CI
+        cfg.trainer.devices = 1 if cfg.trainer.get("strategy") in (None, "auto") else 2
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert isinstance(trainer, pl.Trainer)
+    if group in ("callbacks", "debug", "experiment") and cfg.get("callbacks"):
+        for node in cfg.callbacks.values():
+            if node:
+                assert isinstance(instantiate(node), pl.Callback)
+    if group == "logger" and cfg.get("logger"):
+        for node in cfg.logger.values():
+            assert isinstance(instantiate(node), pl.loggers.Logger)
+    if group == "fusion":
+        block = instantiate(cfg.fusion)(visual_channels=[64, 128], text_dim=32)
+        assert block.out_dim > 0
+    if group == "head":
+        head = instantiate(cfg.head)(in_features=48, num_answers=7)
+        assert sum(p.numel() for p in head.parameters()) > 0
+    if group == "model/visual":
+        if (group, option) in NEEDS_HUB:
+            return  # covered by the offline fail-fast tests of the encoders
+        encoder = instantiate(cfg.model.visual)
+        assert len(encoder.out_channels) == len(cfg.model.visual.stages)
+    if group == "model/text":
+        if (group, option) in NEEDS_HUB:
+            with pytest.raises(Exception, match=r"(?i)offline|download|cache|hub"):
+                instantiate(cfg.model.text)(vocab_size=30522)
+            return
+        encoder = instantiate(cfg.model.text)(vocab_size=100)
+        assert encoder.hidden_size > 0
+    if group == "data":
+        datamodule = instantiate(cfg.data)
+        assert isinstance(datamodule, pl.LightningDataModule)
+
+
+def test_default_composition_is_the_product_card(tmp_path: Path) -> None:
+    cfg = compose_config("train", [], tmp_path)
+    assert cfg.model.visual.arch == "resnet101"
+    assert "bert" in cfg.model.text._target_.lower()
+    assert cfg.trainer.gradient_clip_val == 5.0
+    assert cfg.module.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.hydra.run.dir.startswith(f"{cfg.paths.log_dir}/train/runs/")
+    assert cfg.hydra.sweep.dir.startswith(f"{cfg.paths.log_dir}/train/multiruns/")
+    assert OmegaConf.to_yaml(cfg.hydra.sweep).count("subdir: ${hydra.job.num}") == 1
+
+
+def test_eval_config_requires_checkpoint(tmp_path: Path) -> None:
+    cfg = compose_config("eval", [], tmp_path)
+    with pytest.raises(MissingMandatoryValue, match="ckpt_path"):
+        _ = cfg.ckpt_path
+
+
+def test_wrong_override_type_fails_at_compose_time(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException, match="max_epochs"):
+        compose_config("train", ["trainer.max_epochs=abc"], tmp_path)
+    with pytest.raises(ConfigCompositionException, match="fusion"):
+        compose_config("train", ["fusion=nope"], tmp_path)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_prints_job_config() -> None:
+    result = run_cli("--cfg", "job", "fusion=parallel")
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.fusion._target_.endswith("ParallelCoAttention")
+    assert printed.model.visual.arch == "resnet101"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("fusion=nope", "Could not find 'fusion/nope'"),
+        ("trainer.max_epochs=abc", "max_epochs"),
+    ],
+)
+def test_cli_rejects_wrong_override(override: str, message: str) -> None:
+    result = run_cli("--cfg", "job", override)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_tiny_overrides_compose(tmp_path: Path) -> None:
+    cfg = compose_config("train", TINY_OVERRIDES, tmp_path)
+    assert cfg.model.visual.arch == "resnet18"

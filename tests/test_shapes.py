@@ -1,0 +1,255 @@
+"""The synthetic generator: determinism, VQA v2 schema, unique and balanced answers, noise."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from vqa.data.answers import normalize_answer, vqa_accuracy
+from vqa.data.layout import split_layout
+from vqa.data.shapes import (
+    COLORS,
+    MANIFEST_NAME,
+    SHAPES,
+    SceneObject,
+    ShapesConfig,
+    ensure_generated,
+    generate,
+    is_current,
+    iter_scenes,
+    main,
+)
+
+TINY = ShapesConfig(
+    num_train_images=12,
+    num_val_images=4,
+    num_test_images=3,
+    questions_per_image=5,
+    image_size=48,
+    seed=7,
+)
+# Big enough for answer statistics, small pixels so it renders in about a second.
+STATS = ShapesConfig(
+    num_train_images=400, num_val_images=150, num_test_images=0, image_size=32, seed=1
+)
+
+
+@pytest.fixture(scope="module")
+def stats_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stats") / "shapes"
+    generate(root, STATS)
+    return root
+
+
+def load(root: Path, split: str) -> tuple[list[dict], dict[int, dict]]:
+    layout = split_layout(root, split)
+    questions = json.loads(layout.questions.read_text())["questions"]
+    annotations = (
+        json.loads(layout.annotations.read_text())["annotations"] if layout.annotations else []
+    )
+    return questions, {a["question_id"]: a for a in annotations}
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_same_seed_is_byte_identical_and_another_seed_differs(tmp_path: Path) -> None:
+    generate(tmp_path / "a", TINY)
+    generate(tmp_path / "b", TINY)
+    generate(tmp_path / "c", ShapesConfig(**{**TINY.__dict__, "seed": 8}))
+    a, b, c = tree(tmp_path / "a"), tree(tmp_path / "b"), tree(tmp_path / "c")
+    assert a == b
+    assert a.keys() == c.keys()  # same layout and file names ...
+    changed = [name for name in a if a[name] != c[name] and name != MANIFEST_NAME]
+    # ... but other questions and other pixels
+    assert any(name.endswith("questions.json") for name in changed)
+    assert sum(name.endswith(".jpg") for name in changed) == 12 + 4 + 3
+
+
+def test_official_layout_and_schema(tmp_path: Path) -> None:
+    manifest = generate(tmp_path, TINY)
+    assert manifest["splits"]["train2014"] == {"images": 12, "questions": 60}
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["config"]["seed"] == 7
+    for split in ("train2014", "val2014", "test2015"):
+        layout = split_layout(tmp_path, split)
+        payload = json.loads(layout.questions.read_text())
+        assert payload["data_subtype"] == split and payload["task_type"] == "Open-Ended"
+        for q in payload["questions"]:
+            assert set(q) == {"image_id", "question", "question_id"}
+            assert q["question_id"] // 1000 == q["image_id"]
+            assert layout.image_path(q["image_id"]).is_file()
+    assert not (tmp_path / "Annotations" / "v2_mscoco_test2015_annotations.json").exists()
+    questions, annotations = load(tmp_path, "val2014")
+    assert sorted(annotations) == sorted(q["question_id"] for q in questions)
+    for a in annotations.values():
+        assert set(a) == {
+            "question_type",
+            "multiple_choice_answer",
+            "answers",
+            "image_id",
+            "answer_type",
+            "question_id",
+        }
+        assert [h["answer_id"] for h in a["answers"]] == list(range(1, 11))
+        assert {h["answer_confidence"] for h in a["answers"]} <= {"yes", "maybe", "no"}
+        assert a["answer_type"] in ("yes/no", "number", "other")
+    image = split_layout(tmp_path, "train2014").image_path(1)
+    assert image.read_bytes()[:3] == b"\xff\xd8\xff"  # real JPEG
+
+
+def recompute(question: str, scene: list[SceneObject]) -> str:
+    """An independent solver for every template; it asserts each question is well posed."""
+    colors, shapes = "|".join(COLORS), "|".join(SHAPES)
+
+    def the(color: str, shape: str) -> SceneObject:
+        matches = [o for o in scene if o.color == color and o.shape == shape]
+        assert len(matches) == 1, f"'the {color} {shape}' is ambiguous or absent in {question!r}"
+        return matches[0]
+
+    if m := re.fullmatch(rf"is there a ({colors}) ({shapes})\?", question):
+        return "yes" if any(o.color == m[1] and o.shape == m[2] for o in scene) else "no"
+    if m := re.fullmatch(
+        rf"is the ({colors}) ({shapes}) (left|right) of the ({colors}) ({shapes})\?", question
+    ):
+        a, b = the(m[1], m[2]), the(m[4], m[5])
+        return "yes" if (a.x < b.x) == (m[3] == "left") else "no"
+    if m := re.fullmatch(rf"how many ({colors}) shapes are there\?", question):
+        return str(sum(o.color == m[1] for o in scene))
+    if m := re.fullmatch(rf"how many ({shapes})s are there\?", question):
+        return str(sum(o.shape == m[1] for o in scene))
+    if m := re.fullmatch(rf"what color is the ({shapes})\?", question):
+        (only,) = [o for o in scene if o.shape == m[1]]
+        return only.color
+    if m := re.fullmatch(rf"what shape is the ({colors}) object\?", question):
+        (only,) = [o for o in scene if o.color == m[1]]
+        return only.shape
+    if m := re.fullmatch(
+        rf"what color is the shape (left|right) of the ({colors}) ({shapes})\?", question
+    ):
+        ref = the(m[2], m[3])
+        (only,) = [o for o in scene if (o.x < ref.x if m[1] == "left" else o.x > ref.x)]
+        return only.color
+    raise AssertionError(f"unknown question template: {question!r}")
+
+
+def test_every_answer_is_unique_and_rederivable_from_the_scene(stats_root: Path) -> None:
+    for split in ("train2014", "val2014"):
+        scenes = dict(iter_scenes(stats_root, split))
+        questions, annotations = load(stats_root, split)
+        for q in questions:
+            assert (
+                recompute(q["question"], scenes[q["image_id"]])
+                == annotations[q["question_id"]]["multiple_choice_answer"]
+            )
+        for image_id, scene in scenes.items():
+            assert 3 <= len(scene) <= 6
+            for i, a in enumerate(scene):  # non-overlapping (bounding discs) and inside the image
+                assert a.extent <= a.x <= STATS.image_size - a.extent
+                for b in scene[i + 1 :]:
+                    assert ((a.x - b.x) ** 2 + (a.y - b.y) ** 2) ** 0.5 >= a.extent + b.extent, (
+                        image_id
+                    )
+
+
+def test_answers_are_balanced_within_each_family(stats_root: Path) -> None:
+    questions, annotations = load(stats_root, "train2014")
+    by_template: dict[str, Counter[str]] = defaultdict(Counter)
+    for q in questions:
+        # the template: the question with colours, shapes and relations blanked out
+        template = re.sub(
+            rf"\b({'|'.join(COLORS)}|{'|'.join(SHAPES)})s?\b|left|right", "_", q["question"]
+        )
+        by_template[template][annotations[q["question_id"]]["multiple_choice_answer"]] += 1
+    assert len(by_template) == 7
+    for template, counts in by_template.items():
+        if set(counts) <= {"yes", "no"}:
+            assert abs(counts["yes"] - counts["no"]) <= 1, (template, counts)
+        elif template.startswith("how many"):
+            common = [counts[n] for n in "012"]
+            assert max(common) - min(common) <= 2, (template, counts)
+            assert counts["3"] >= 0.4 * max(common), (template, counts)
+        else:
+            # colours/shapes: uniform up to the few scenes that allow only one answer
+            values = list(counts.values())
+            assert len(values) in (len(COLORS), len(SHAPES)), (template, counts)
+            assert max(values) - min(values) <= 0.25 * sum(values) / len(values), (template, counts)
+
+
+def test_a_question_only_model_stays_weak(stats_root: Path) -> None:
+    # The strongest text-only predictor: the most common train answer of each exact question.
+    train_q, train_a = load(stats_root, "train2014")
+    val_q, val_a = load(stats_root, "val2014")
+    best: dict[str, Counter[str]] = defaultdict(Counter)
+    for q in train_q:
+        best[q["question"]][train_a[q["question_id"]]["multiple_choice_answer"]] += 1
+    scored = Counter()
+    for q in val_q:
+        a = val_a[q["question_id"]]
+        guess = best[q["question"]].most_common(1)[0][0] if best[q["question"]] else "yes"
+        scored[a["answer_type"]] += vqa_accuracy(guess, [h["answer"] for h in a["answers"]])
+    totals = Counter(val_a[q["question_id"]]["answer_type"] for q in val_q)
+    accuracy = {t: scored[t] / totals[t] for t in totals}
+    # yes/no: 0.5 by balance plus the soft credit the wrong annotators give the other answer
+    assert accuracy["yes/no"] < 0.7 and accuracy["number"] < 0.45 and accuracy["other"] < 0.45, (
+        accuracy
+    )
+
+
+def test_annotator_noise_normalises_back_to_the_answer(stats_root: Path) -> None:
+    _, annotations = load(stats_root, "train2014")
+    variants = wrong = 0
+    for a in annotations.values():
+        raw = [h["answer"] for h in a["answers"]]
+        normalised = Counter(normalize_answer(r) for r in raw)
+        (top, top_count), *_ = normalised.most_common()
+        assert top == a["multiple_choice_answer"] and top_count >= 7
+        assert vqa_accuracy(a["multiple_choice_answer"], raw) == 1.0
+        variants += any(r != normalize_answer(r) for r in raw)
+        wrong += len(normalised) > 1
+    # both kinds of noise are common, so normalisation and soft scores get exercised
+    assert 0.3 < variants / len(annotations) < 0.9
+    assert 0.3 < wrong / len(annotations) < 0.8
+
+
+def test_stale_cache_is_detected_and_regenerated(tmp_path: Path) -> None:
+    root = tmp_path / "shapes"
+    assert ensure_generated(root, TINY) is True
+    assert ensure_generated(root, TINY) is False
+    other = ShapesConfig(**{**TINY.__dict__, "num_val_images": 2})
+    assert not is_current(root, other)
+    assert ensure_generated(root, other) is True
+    assert (
+        len(json.loads(split_layout(root, "val2014").questions.read_text())["questions"]) == 2 * 5
+    )
+    assert is_current(root, other) and not is_current(root, TINY)
+
+
+def test_never_overwrites_a_folder_that_is_not_a_synthetic_set(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        generate(tmp_path, TINY)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--out", str(tmp_path / "cli"), "--num-train-images", "2", "--num-val-images", "1",
+            "--num-test-images", "1", "--image-size", "40", "--seed", "3"]  # fmt: skip
+    main(args)
+    assert "train2014" in capsys.readouterr().out
+    assert is_current(tmp_path / "cli", ShapesConfig(2, 1, 1, 6, 40, 3))
+    main(args)
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        ShapesConfig(image_size=16)
+    with pytest.raises(ValueError, match="questions_per_image"):
+        ShapesConfig(questions_per_image=0)

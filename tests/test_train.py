@@ -1,0 +1,75 @@
+"""The training entry point end to end on the tiny synthetic composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+
+from tests.helpers import CONFIG_DIR, TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from vqa.data.artifacts import artifacts_from_dict
+from vqa.train import build_components, metric_value, train
+
+FUSIONS = sorted(p.stem for p in (CONFIG_DIR / "fusion").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fast_dev_run_every_fusion(cfg_train: DictConfig, fusion: str) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            *TINY_OVERRIDES,
+            *TINY_DATA_OVERRIDES,
+            f"fusion={fusion}",
+            "fusion.hidden_dim=32",
+            "trainer.fast_dev_run=true",
+        ],
+        Path(cfg_train.paths.output_dir).parent,
+        Path(cfg_train.paths.data_dir),
+    )
+    with open_dict(cfg):
+        cfg.test = False
+    metrics, objects = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    # the same seed rebuilds the initial weights: one optimizer step must have moved them
+    torch.manual_seed(cfg.seed)
+    _, fresh = build_components(cfg)
+    trained = objects["module"].net
+    for name, p in fresh.net.named_parameters():
+        # weight matrices only: e.g. an attention key bias is softmax-invariant (zero gradient)
+        if name.startswith(("fusion.", "head.")) and p.ndim >= 2:
+            assert not torch.equal(p, trained.get_parameter(name)), f"{name} did not train"
+
+
+def test_fit_checkpoint_and_test(cfg_train: DictConfig) -> None:
+    with open_dict(cfg_train):
+        cfg_train.trainer.max_epochs = 2
+    metrics, _ = train(cfg_train)
+
+    assert {"val/acc", "val/acc_best", "test/acc", "train/loss_epoch"} <= set(metrics)
+    assert metrics["val/acc_best"] >= metrics["val/acc"] - 1e-6
+    assert metric_value(metrics, "val/acc_best") == metrics["val/acc_best"]
+    with pytest.raises(KeyError, match="optimized_metric"):
+        metric_value(metrics, "val/nope")
+
+    out = Path(cfg_train.paths.output_dir)
+    last = out / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert (out / "csv" / "metrics.csv").is_file()
+    # nothing in a checkpoint can run code: it loads with weights_only=True and carries what
+    # evaluation needs (resolved config, answer vocabulary, tokenizer)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["run_config"]["fusion"]["_target_"].endswith("ParallelCoAttention")
+    vocab, tokenizer = artifacts_from_dict(hparams["data_artifacts"])
+    assert list(vocab.answers) == hparams["answer_vocab"]
+    assert tokenizer("is there a red circle?")["input_ids"][0] == tokenizer.cls_token_id
+    head_out = [
+        v.shape[0]
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("net.head.") and k.endswith("weight")
+    ]
+    assert head_out[-1] == len(vocab)

@@ -1,0 +1,1 @@
+"""coattn-vqa: Visual Question Answering with pluggable co-attention fusion."""

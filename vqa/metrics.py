@@ -1,0 +1,178 @@
+"""VQA accuracy as a torchmetrics ``Metric``: official per-question scores, DDP-safe aggregation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from vqa.data.answers import vqa_accuracy
+
+ANSWER_TYPES: tuple[str, ...] = ("yes/no", "number", "other")
+UNKNOWN_QUESTION_TYPE = "<unknown>"
+
+
+class VQAAccuracy(Metric):
+    """Official VQA accuracy, overall and per answer / question type.
+
+    Per-question scores are kept (``cat`` states keyed by question id) rather than running sums,
+    because Lightning's ``DistributedSampler`` pads the last batch with repeated samples: only
+    with the ids can ``compute`` count each question once. Type names are mapped to indices
+    from lists fixed at construction, so every rank uses the same mapping; pass the sorted
+    question types of the dataset. A question type missing from that list is counted under
+    ``question_type/<unknown>`` instead of being dropped.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    question_id: list[Tensor] | Tensor
+    accuracy: list[Tensor] | Tensor
+    answer_type: list[Tensor] | Tensor
+    question_type: list[Tensor] | Tensor
+
+    def __init__(
+        self,
+        question_types: Sequence[str] | None = None,
+        *,
+        answer_types: Sequence[str] = ANSWER_TYPES,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.answer_types = tuple(answer_types)
+        self.question_types = None if question_types is None else tuple(question_types)
+        self._answer_type_index = {name: i for i, name in enumerate(self.answer_types)}
+        # The unknown bucket is the index just past the known question types.
+        self._question_type_index = {name: i for i, name in enumerate(self.question_types or ())}
+        self._state_dtypes = {
+            "question_id": torch.long,
+            "accuracy": torch.float64,  # exact enough to round percentages like the official tool
+            "answer_type": torch.long,
+            "question_type": torch.long,
+        }
+        for name in self._state_dtypes:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        predictions: Sequence[str],
+        human_answers: Sequence[Sequence[str]],
+        question_ids: Tensor | Sequence[int],
+        answer_types: Sequence[str],
+        question_types: Sequence[str] | None = None,
+    ) -> None:
+        """Score a batch of predicted answer strings against the ten human answers each."""
+        n = len(predictions)
+        lengths = {
+            "human_answers": len(human_answers),
+            "question_ids": len(question_ids),
+            "answer_types": len(answer_types),
+        }
+        if question_types is not None:
+            lengths["question_types"] = len(question_types)
+        bad = {k: v for k, v in lengths.items() if v != n}
+        if bad:
+            raise ValueError(f"VQAAccuracy.update: {n} predictions but lengths {bad}")
+        unknown = sorted(set(answer_types) - self._answer_type_index.keys())
+        if unknown:
+            raise ValueError(f"unknown answer types {unknown}; expected one of {self.answer_types}")
+        if self.question_types is not None and question_types is None:
+            raise ValueError("this metric tracks question types: pass question_types to update()")
+        if self.question_types is None and question_types is not None:
+            rank_zero_warn(
+                "VQAAccuracy was built without question_types; per-question-type accuracy is "
+                "not reported. Pass the dataset's question types at construction to get it."
+            )
+
+        unknown_qtype = len(self._question_type_index)
+        qtypes = question_types if self.question_types is not None else [""] * n
+        device = self.device
+        self.question_id.append(torch.as_tensor(question_ids, dtype=torch.long, device=device))
+        self.accuracy.append(
+            torch.tensor(
+                [vqa_accuracy(p, h) for p, h in zip(predictions, human_answers, strict=True)],
+                dtype=torch.float64,
+                device=device,
+            )
+        )
+        self.answer_type.append(
+            torch.tensor(
+                [self._answer_type_index[t] for t in answer_types], dtype=torch.long, device=device
+            )
+        )
+        self.question_type.append(
+            torch.tensor(
+                [self._question_type_index.get(t, unknown_qtype) for t in qtypes],
+                dtype=torch.long,
+                device=device,
+            )
+        )
+
+    def _deduplicated(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """States with one row per question id (the first seen), sorted by id; None if empty."""
+        if isinstance(self.question_id, list) and not self.question_id:
+            return None
+        ids = dim_zero_cat(self.question_id)
+        if ids.numel() == 0:
+            return None
+        unique_ids, inverse = torch.unique(ids, return_inverse=True)
+        positions = torch.arange(ids.numel(), device=ids.device)
+        first = torch.full_like(unique_ids, ids.numel()).scatter_reduce_(
+            0, inverse, positions, reduce="amin"
+        )
+        return (
+            unique_ids,
+            dim_zero_cat(self.accuracy)[first],
+            dim_zero_cat(self.answer_type)[first],
+            dim_zero_cat(self.question_type)[first],
+        )
+
+    def compute(self) -> dict[str, Tensor]:
+        """Accuracy fractions in [0, 1]: "overall", each answer type seen, and
+        "question_type/<type>" for each question type seen (absent rather than NaN)."""
+        states = self._deduplicated()
+        if states is None:
+            return {}
+        _, acc, answer_type, question_type = states
+        results = {"overall": acc.mean()}
+        results |= _grouped_means(acc, answer_type, self.answer_types)
+        if self.question_types is not None:
+            names = (*self.question_types, UNKNOWN_QUESTION_TYPE)
+            grouped = _grouped_means(acc, question_type, names)
+            results |= {f"question_type/{name}": value for name, value in grouped.items()}
+        return results
+
+    def per_question(self) -> dict[int, float]:
+        """Question id -> accuracy fraction, each question once, gathered from all ranks."""
+        with self.sync_context(should_sync=self.sync_on_compute):
+            states = self._deduplicated()
+        if states is None:
+            return {}
+        ids, acc, _, _ = states
+        return dict(zip(ids.tolist(), acc.tolist(), strict=True))
+
+    def _sync_dist(
+        self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None
+    ) -> None:
+        # A rank that saw no batch has empty list states, which torchmetrics replaces by an empty
+        # tensor of the metric's default dtype (float32); gathering that against the int64/float64
+        # tensors of the other ranks fails, so give empty states their real dtype first.
+        for name, dtype in self._state_dtypes.items():
+            state = getattr(self, name)
+            if isinstance(state, list) and not state:
+                setattr(self, name, [torch.empty(0, dtype=dtype, device=self.device)])
+        super()._sync_dist(dist_sync_fn, process_group)
+
+
+def _grouped_means(values: Tensor, groups: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """Mean of ``values`` per group index, keyed by name, for the groups that occur."""
+    sums = torch.bincount(groups, weights=values, minlength=len(names))
+    counts = torch.bincount(groups, minlength=len(names))
+    present = (counts > 0).nonzero().flatten().tolist()
+    return {names[i]: sums[i] / counts[i] for i in present}

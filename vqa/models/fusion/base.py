@@ -1,0 +1,127 @@
+"""Shared pieces of every fusion block: the output contract and masked attention helpers.
+
+A fusion block is an ``nn.Module`` built by Hydra with ``_partial_: true`` and finished by
+``VQAModel`` with the dimensions only the encoders know::
+
+    fusion = cfg_partial(visual_channels=[512, 1024, 2048], text_dim=768)
+    out = fusion(visual=[B,C_s,H_s,W_s]..., text=[B,N,D_t], text_mask=[B,N] bool)
+
+and exposes ``out_dim`` so the answer head can be sized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class FusionOutput:
+    """Fused features plus the attention maps worth plotting.
+
+    ``attention`` keys start with ``image`` ([B, H_s, W_s], sums to 1 over the grid) or
+    ``question`` ([B, N], sums to 1 over real tokens, exactly 0 on padding).
+    """
+
+    features: Tensor
+    attention: dict[str, Tensor] = field(default_factory=dict)
+
+
+class FusionBlock(nn.Module):
+    """Base class: stores the input dimensions and the ``out_dim`` contract."""
+
+    out_dim: int
+
+    def __init__(self, visual_channels: list[int], text_dim: int) -> None:
+        super().__init__()
+        if not visual_channels:
+            raise ValueError("fusion needs at least one visual stage (visual_channels is empty)")
+        self.visual_channels = list(visual_channels)
+        self.text_dim = int(text_dim)
+
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        raise NotImplementedError
+
+
+def flatten_grid(feature_map: Tensor) -> Tensor:
+    """[B, C, H, W] -> [B, H*W, C] (row-major cells, matching ``grid_boxes``)."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+def grid_boxes(height: int, width: int, device=None, dtype=None) -> Tensor:
+    """Normalised (x1, y1, x2, y2) box of every grid cell, row-major: [H*W, 4]."""
+    ys = torch.arange(height, device=device, dtype=dtype or torch.float32)
+    xs = torch.arange(width, device=device, dtype=dtype or torch.float32)
+    y1, x1 = torch.meshgrid(ys / height, xs / width, indexing="ij")
+    boxes = torch.stack([x1, y1, x1 + 1.0 / width, y1 + 1.0 / height], dim=-1)
+    return boxes.reshape(height * width, 4)
+
+
+def keep_top_k(logits: Tensor, k: int | None, valid: Tensor | None = None) -> Tensor:
+    """Boolean mask of the ``k`` largest valid logits along the last dim (sparse attention).
+
+    ``k=None`` or ``k >= number of keys`` keeps every valid key, so top-k then equals dense.
+    """
+    keep = torch.ones_like(logits, dtype=torch.bool) if valid is None else valid.expand_as(logits)
+    if k is None or k >= logits.shape[-1]:
+        return keep
+    scores = logits.masked_fill(~keep, float("-inf"))
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    return keep & (scores >= kth)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor | None = None, dim: int = -1) -> Tensor:
+    """Softmax that gives exactly 0 to masked positions (``mask`` True = keep).
+
+    Rows with no valid position return all zeros instead of NaN.
+    """
+    if mask is None:
+        return torch.softmax(logits, dim=dim)
+    mask = mask.expand_as(logits)
+    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits, dim=dim) * mask
+    return weights / weights.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x [B, N, D] over real tokens (mask [B, N] True = real)."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def masked_max(x: Tensor, mask: Tensor) -> Tensor:
+    """Max of x [B, N, D] over real tokens (padding never wins)."""
+    return x.masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
+
+
+class SpatialGrid(nn.Module):
+    """Turns one ResNet stage into grid tokens that know where they are.
+
+    Each cell's normalised box is embedded and added to the projected cell feature, so
+    relational questions ("left of") are answerable; ``constraint`` additionally yields the
+    seed's spatial-constraint weights sigmoid(MLP(box)) per cell to scale affinities.
+    """
+
+    def __init__(
+        self, in_channels: int, dim: int, positional: bool = True, constraint: bool = False
+    ) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_channels, dim)
+        self.position = nn.Linear(4, dim) if positional else None
+        self.constraint = (
+            nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)) if constraint else None
+        )
+
+    def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[B, C, H, W] -> (tokens [B, H*W, dim], constraint weights [1, H*W] or None)."""
+        _, _, h, w = feature_map.shape
+        tokens = self.proj(flatten_grid(feature_map))
+        boxes = grid_boxes(h, w, device=feature_map.device, dtype=tokens.dtype)
+        if self.position is not None:
+            tokens = tokens + self.position(boxes)
+        weights = None
+        if self.constraint is not None:
+            weights = torch.sigmoid(self.constraint(boxes)).squeeze(-1).unsqueeze(0)
+        return tokens, weights

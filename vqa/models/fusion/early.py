@@ -1,0 +1,61 @@
+"""Early fusion: combine the question with every grid cell, then pool (seed 001's baseline).
+
+The pooled question vector is multiplied with (or added to) each projected grid cell and a
+non-linearity is applied *before* pooling; otherwise the pool would commute with the fusion
+and the cells' box embeddings would collapse to a constant. With ``spatial_constraint`` the
+pool is weighted by the seed's sigmoid(MLP(box)) cell weights (a learned spatial prior), and
+the image attention map is exactly those pooling weights.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vqa.models.fusion.base import FusionBlock, FusionOutput, SpatialGrid, masked_mean
+
+OPS = ("mul", "sum")
+
+
+class EarlyFusion(FusionBlock):
+    """GELU(q ∘ cell) for every cell of the last stage, pooled over the grid."""
+
+    def __init__(
+        self,
+        visual_channels: list[int],
+        text_dim: int,
+        hidden_dim: int = 512,
+        op: str = "mul",
+        positional: bool = True,
+        spatial_constraint: bool = False,
+    ) -> None:
+        super().__init__(visual_channels, text_dim)
+        if op not in OPS:
+            raise ValueError(f"op={op!r} must be one of {OPS}")
+        self.op = op
+        self.grid = SpatialGrid(
+            self.visual_channels[-1], hidden_dim, positional, spatial_constraint
+        )
+        self.text_proj = nn.Linear(self.text_dim, hidden_dim)
+        self.out_dim = hidden_dim
+
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        feature_map = visual[-1]
+        height, width = feature_map.shape[-2:]
+        mask = text_mask.bool()
+        cells, constraint = self.grid(feature_map)  # [B, M, D], [1, M] | None
+        question = self.text_proj(masked_mean(text.masked_fill(~mask.unsqueeze(-1), 0.0), mask))
+        question = question.unsqueeze(1)  # broadcast over cells
+        joint = F.gelu(cells * question if self.op == "mul" else cells + question)  # [B, M, D]
+
+        if constraint is None:
+            weights = cells.new_full(cells.shape[:2], 1.0 / cells.shape[1])
+        else:
+            weights = (constraint / constraint.sum(dim=-1, keepdim=True)).expand(cells.shape[:2])
+        features = (weights.unsqueeze(1) @ joint).squeeze(1)
+        real = mask.to(features.dtype)
+        attention = {
+            "image": weights.unflatten(-1, (height, width)),
+            "question": real / real.sum(dim=1, keepdim=True).clamp_min(1.0),
+        }
+        return FusionOutput(features=features, attention=attention)

@@ -1,0 +1,120 @@
+"""Parallel co-attention (seed 000; Lu et al. 2016): image and question attend at once.
+
+Both attentions come from one affinity between every real word and every grid cell::
+
+    C = tanh(Q W_b V^T / sqrt(d)) [* spatial constraint]                       [N, M]
+
+``form="maxpool"`` (the seed's form): a cell's logit is its best affinity over the real words,
+a word's logit its best affinity over the cells, scaled by a learned inverse temperature
+(tanh bounds C to [-1, 1], which alone would cap any attention contrast at e^2).
+``form="lu"``: the affinity transfers each modality into the other's space::
+
+    H_v = tanh(W_v V + C^T (W_q Q)),  a_v = softmax(w_hv^T H_v)
+    H_q = tanh(W_q Q + C (W_v V)),    a_q = softmax(w_hq^T H_q)
+
+Padding words are masked out of every max, sum and softmax. The attended cell and word
+vectors are fused as [v, q, v * q] and projected to ``hidden_dim``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from vqa.models.fusion.base import (
+    FusionBlock,
+    FusionOutput,
+    SpatialGrid,
+    keep_top_k,
+    masked_max,
+    masked_mean,
+    masked_softmax,
+)
+
+FORMS = ("maxpool", "lu")
+# Initial inverse temperature of the max-pooled form (CLIP starts at 1/0.07 for the same reason).
+INITIAL_LOGIT_SCALE = 10.0
+MAX_LOGIT_SCALE = 100.0
+
+
+class ParallelCoAttention(FusionBlock):
+    """Co-attention over the last visual stage from a single word x cell affinity matrix."""
+
+    def __init__(
+        self,
+        visual_channels: list[int],
+        text_dim: int,
+        hidden_dim: int = 512,
+        form: str = "maxpool",
+        top_k: int | None = None,
+        attention_dropout: float = 0.1,
+        residual: bool = True,
+        positional: bool = True,
+        spatial_constraint: bool = False,
+    ) -> None:
+        super().__init__(visual_channels, text_dim)
+        if form not in FORMS:
+            raise ValueError(f"form={form!r} must be one of {FORMS}")
+        self.form = form
+        self.top_k = top_k
+        self.residual = residual
+        self.out_dim = hidden_dim
+        self.grid = SpatialGrid(
+            self.visual_channels[-1], hidden_dim, positional, spatial_constraint
+        )
+        self.text_proj = nn.Linear(self.text_dim, hidden_dim)
+        self.affinity = nn.Linear(hidden_dim, hidden_dim, bias=False)  # W_b
+        if form == "maxpool":
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(INITIAL_LOGIT_SCALE)))
+        else:
+            self.image_hidden = nn.Linear(hidden_dim, hidden_dim)  # W_v
+            self.text_hidden = nn.Linear(hidden_dim, hidden_dim)  # W_q
+            self.image_score = nn.Linear(hidden_dim, 1)  # w_hv
+            self.text_score = nn.Linear(hidden_dim, 1)  # w_hq
+        self.dropout = nn.Dropout(attention_dropout)
+        self.out_proj = nn.Linear(3 * hidden_dim, hidden_dim)
+
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        feature_map = visual[-1]
+        height, width = feature_map.shape[-2:]
+        mask = text_mask.bool()
+        cells, constraint = self.grid(feature_map)  # [B, M, D], [1, M] | None
+        # Zeroing padding first keeps junk (even inf/nan) out of every product below.
+        words = self.text_proj(text.masked_fill(~mask.unsqueeze(-1), 0.0))  # [B, N, D]
+
+        affinity = torch.tanh(
+            self.affinity(words) @ cells.transpose(1, 2) / math.sqrt(cells.shape[-1])
+        )  # [B, N, M]
+        if constraint is not None:
+            affinity = affinity * constraint.unsqueeze(1)
+        if self.form == "maxpool":
+            scale = self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+            image_logits = scale * masked_max(affinity, mask)  # [B, M]
+            question_logits = scale * affinity.amax(dim=-1)  # [B, N]
+        else:
+            # Padding rows must not feed the transfer sums C^T (W_q Q).
+            affinity = affinity.masked_fill(~mask.unsqueeze(-1), 0.0)
+            image_hidden, text_hidden = self.image_hidden(cells), self.text_hidden(words)
+            image_logits = self.image_score(
+                torch.tanh(image_hidden + affinity.transpose(1, 2) @ text_hidden)
+            ).squeeze(-1)
+            question_logits = self.text_score(
+                torch.tanh(text_hidden + affinity @ image_hidden)
+            ).squeeze(-1)
+
+        image_att = masked_softmax(image_logits, keep_top_k(image_logits, self.top_k))
+        question_att = masked_softmax(
+            question_logits, keep_top_k(question_logits, self.top_k, mask)
+        )
+        attended_cells = (self.dropout(image_att).unsqueeze(1) @ cells).squeeze(1)
+        attended_words = (self.dropout(question_att).unsqueeze(1) @ words).squeeze(1)
+        if self.residual:
+            attended_cells = attended_cells + cells.mean(dim=1)
+            attended_words = attended_words + masked_mean(words, mask)
+        features = self.out_proj(
+            torch.cat([attended_cells, attended_words, attended_cells * attended_words], dim=-1)
+        )
+        attention = {"image": image_att.unflatten(-1, (height, width)), "question": question_att}
+        return FusionOutput(features=features, attention=attention)

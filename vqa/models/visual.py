@@ -1,0 +1,176 @@
+"""ResNet visual encoder: a torchvision ResNet cut after its deepest requested stage.
+
+Fusion blocks attend over grid cells, so the encoder returns feature maps of the chosen
+stages instead of a pooled vector; everything past the deepest stage (and the classifier)
+is dropped so it neither runs nor holds parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.models import WeightsEnum, get_model, get_model_weights
+from torchvision.ops import FrozenBatchNorm2d
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+STEM = ("conv1", "bn1", "relu", "maxpool")
+# Without a timeout urllib waits forever on a firewall that drops packets silently.
+DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
+
+
+class ResNetEncoder(nn.Module):
+    """Images [B, 3, H, W] -> one feature map [B, C_s, H_s, W_s] per configured stage.
+
+    ``freeze`` is ``"none"``, ``"all"``, ``"stem"`` or a stage name (the stem and every stage
+    up to and including it). Frozen parts never receive gradients and stay in eval mode, so a
+    fully frozen encoder is a deterministic feature extractor. ``bn="frozen"`` swaps every
+    BatchNorm for torchvision's ``FrozenBatchNorm2d`` (fixed statistics and affine, the usual
+    choice when fine-tuning with small per-GPU batches).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet101",
+        weights: str | None = None,
+        stages: Sequence[str] = ("layer4",),
+        freeze: str = "none",
+        bn: str = "train",
+        channels_last: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
+        if bn not in ("frozen", "train"):
+            raise ValueError(f"bn={bn!r} must be 'frozen' or 'train'")
+        if bn == "frozen" and weights is None:
+            warnings.warn(
+                "bn='frozen' with random weights: BatchNorm stays the identity, so activations "
+                "are never normalised; use bn='train' when training from scratch",
+                stacklevel=2,
+            )
+        self.stage_names = _ordered_stages(stages)
+        built = (*STEM, *STAGES[: STAGES.index(self.stage_names[-1]) + 1])
+
+        norm_layer = FrozenBatchNorm2d if bn == "frozen" else nn.BatchNorm2d
+        network = _build_resnet(arch, weights, norm_layer)
+        self.body = nn.ModuleDict({name: getattr(network, name) for name in built})
+        self.out_channels = [_stage_width(self.body[name]) for name in self.stage_names]
+
+        self._frozen = _frozen_names(freeze, built)
+        for name in self._frozen:
+            self.body[name].requires_grad_(False)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.train()
+
+    def train(self, mode: bool = True) -> ResNetEncoder:
+        """Switch mode, but keep frozen parts (and frozen BN) in eval whatever ``mode`` is."""
+        super().train(mode)
+        for name in self._frozen:
+            self.body[name].eval()
+        for module in self.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.eval()
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        features = []
+        for name, module in self.body.items():
+            if self._checkpointed(name):
+                x = checkpoint(module, x, use_reentrant=False)
+            else:
+                x = module(x)
+            if name in self.stage_names:
+                features.append(x)
+        return features
+
+    def _checkpointed(self, name: str) -> bool:
+        # Only trainable stages keep activations worth recomputing.
+        return (
+            self.gradient_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and name in STAGES
+            and name not in self._frozen
+        )
+
+
+def _ordered_stages(stages: Sequence[str]) -> list[str]:
+    """Validate the requested stages and return them in network order."""
+    stages = list(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if not stages or unknown or len(set(stages)) != len(stages):
+        raise ValueError(f"stages={stages} must be distinct names from {STAGES}")
+    return sorted(stages, key=STAGES.index)
+
+
+def _frozen_names(freeze: str, built: Sequence[str]) -> list[str]:
+    """Names of the body modules that ``freeze`` covers."""
+    if freeze == "none":
+        return []
+    if freeze == "all":
+        return list(built)
+    if freeze == "stem":
+        return list(STEM)
+    if freeze not in built or freeze in STEM:
+        raise ValueError(
+            f"freeze={freeze!r} must be 'none', 'all', 'stem' or one of the built stages "
+            f"{[b for b in built if b in STAGES]}"
+        )
+    return list(built[: built.index(freeze) + 1])
+
+
+def _stage_width(stage: nn.Sequential) -> int:
+    # The last block of a stage maps C -> C (identity shortcut), so its input width is the
+    # stage's output width for both BasicBlock and Bottleneck.
+    return stage[-1].conv1.in_channels
+
+
+def _build_resnet(arch: str, weights: str | None, norm_layer: type[nn.Module]) -> nn.Module:
+    """torchvision ResNet with ``weights`` (enum member name, or None for random init)."""
+    if weights is None:
+        return get_model(arch, weights=None, norm_layer=norm_layer)
+    enum = get_model_weights(arch)
+    try:
+        member: WeightsEnum = enum.verify(weights)
+    except KeyError as err:
+        raise ValueError(
+            f"weights={weights!r} is not a {enum.__name__} member; choose from "
+            f"{list(enum.__members__)} or null for random init"
+        ) from err
+    cache_file = os.path.join(
+        torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(member.url).path)
+    )
+    try:
+        with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+            return get_model(arch, weights=member, norm_layer=norm_layer)
+    except OSError as err:  # URLError, DNS failure, timeout, unwritable cache
+        raise OSError(
+            f"Could not load {enum.__name__}.{member.name}: it is not in the torch hub cache and "
+            f"downloading {member.url} failed ({err}). On a machine with network, download that "
+            f"file to {cache_file} (or set TORCH_HOME to a directory holding "
+            f"checkpoints/{os.path.basename(cache_file)}), or set weights: null for random init."
+        ) from err
+
+
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)

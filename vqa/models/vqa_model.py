@@ -1,0 +1,107 @@
+"""The network: visual encoder + text encoder -> fusion block -> answer head.
+
+Hydra builds the encoders and hands over the fusion block and head as partials, because
+only the encoders know the sizes those need (stage channels, text width, fused width).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from vqa.models.fusion.base import FusionBlock
+
+# Same scale as BERT's embedding init: a null input starts as an ordinary, small feature.
+NULL_INIT_STD = 0.02
+
+
+@dataclass
+class VQAOutput:
+    """Answer logits [B, A] and the fusion block's attention maps (for plotting)."""
+
+    logits: Tensor
+    attention: dict[str, Tensor] = field(default_factory=dict)
+
+
+class VQAModel(nn.Module):
+    """Images (or cached stage features) + question tokens -> answer logits.
+
+    Modality dropout lives here because it replaces intermediate features: a sample with
+    ``drop_image`` sees a learned null vector (per stage) at every grid cell, a sample
+    with ``drop_question`` a single learned null token (the other positions become padding,
+    so masked softmaxes stay defined). The attribute names ``visual``, ``text``, ``fusion``
+    and ``head`` are relied on to build optimizer parameter groups.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        text: Callable[..., nn.Module] | nn.Module,
+        fusion: Callable[..., FusionBlock],
+        head: Callable[..., nn.Module],
+        num_answers: int,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        # A ready module keeps its own vocabulary; a partial is sized to the tokenizer.
+        self.text = text if isinstance(text, nn.Module) else text(vocab_size=vocab_size)
+        self.visual_channels = list(visual.out_channels)
+        self.fusion = fusion(visual_channels=self.visual_channels, text_dim=self.text.hidden_size)
+        self.head = head(in_features=self.fusion.out_dim, num_answers=num_answers)
+        # One vector as wide as the widest stage; stage s uses its first C_s entries. Separate
+        # per-stage parameters would leave those of stages a single-scale fusion never reads
+        # without gradient, which DDP rejects.
+        self.null_image = nn.Parameter(torch.randn(max(self.visual_channels)) * NULL_INIT_STD)
+        self.null_question = nn.Parameter(torch.randn(self.text.hidden_size) * NULL_INIT_STD)
+
+    def encode_image(self, images: Tensor) -> list[Tensor]:
+        """Stage feature maps of the visual encoder (what a feature cache stores)."""
+        return self.visual(images)
+
+    def forward(
+        self,
+        images: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        visual_features: Sequence[Tensor] | None = None,
+        drop_image: Tensor | None = None,
+        drop_question: Tensor | None = None,
+    ) -> VQAOutput:
+        """Exactly one of ``images`` / ``visual_features``; ``drop_*`` are [B] bool masks."""
+        if (images is None) == (visual_features is None):
+            raise ValueError("pass exactly one of images or visual_features")
+        if input_ids is None or attention_mask is None:
+            raise ValueError("input_ids and attention_mask are required")
+        visual = self.encode_image(images) if visual_features is None else list(visual_features)
+        if [stage.shape[1] for stage in visual] != self.visual_channels:
+            raise ValueError(
+                f"visual stages have {[stage.shape[1] for stage in visual]} channels, the model "
+                f"was built for {self.visual_channels}"
+            )
+        text = self.text(input_ids, attention_mask)
+        mask = attention_mask.bool()
+
+        if drop_image is not None:
+            dropped = drop_image.view(-1, 1, 1, 1)
+            visual = [
+                torch.where(
+                    dropped,
+                    self.null_image[: stage.shape[1]].view(1, -1, 1, 1).to(stage.dtype),
+                    stage,
+                )
+                for stage in visual
+            ]
+        if drop_question is not None:
+            text = torch.where(
+                drop_question.view(-1, 1, 1), self.null_question.to(text.dtype), text
+            )
+            first_only = torch.arange(mask.shape[1], device=mask.device) == 0
+            mask = torch.where(drop_question.unsqueeze(1), first_only, mask)
+
+        fused = self.fusion(visual, text, mask)
+        return VQAOutput(logits=self.head(fused.features), attention=fused.attention)
