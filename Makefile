@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 install: $(STAMP) ## Create .venv from uv.lock (idempotent)
 
 train: $(STAMP) ## Train the quick-start experiment on the embedded synthetic data (ARGS=overrides)
-	$(PYTHON) train.py $(ARGS)
+	$(PYTHON) train.py experiment=quickstart $(ARGS)
 
 eval: $(STAMP) ## Evaluate a checkpoint: make eval CKPT=path/to.ckpt [ARGS=...]
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/checkpoint.ckpt [ARGS='data=vqav2 data.root=...']"; exit 2; }
