@@ -73,3 +73,33 @@ def test_fit_checkpoint_and_test(cfg_train: DictConfig) -> None:
         if k.startswith("net.head.") and k.endswith("weight")
     ]
     assert head_out[-1] == len(vocab)
+
+
+def test_train_on_official_layout_with_tricky_images(tmp_path: Path) -> None:
+    """`python train.py data=vqav2 data.root=DIR` on a fixture in the official layout whose
+    images include grayscale, CMYK and PNG-bytes-in-.jpg files, as real COCO does."""
+    from PIL import Image
+
+    from vqa.data.shapes import ShapesConfig, generate
+
+    root = tmp_path / "vqa"
+    generate(root, ShapesConfig(num_train_images=8, num_val_images=4, num_test_images=2,
+                                questions_per_image=4, image_size=32, seed=3))
+    images = sorted((root / "Images" / "mscoco" / "train2014").glob("*.jpg"))
+    Image.open(images[0]).convert("L").save(images[0], format="JPEG")
+    Image.open(images[1]).convert("CMYK").save(images[1], format="JPEG")
+    Image.open(images[2]).save(images[2], format="PNG")  # PNG content behind a .jpg name
+
+    cfg = compose_config(
+        "train",
+        [*TINY_OVERRIDES, "data=vqav2", f"data.root={root}", "data.image_size=32",
+         "data.min_answer_count=1", "data.num_workers=0", "data.batch_size=8",
+         "data.pin_memory=false", "data.persistent_workers=false"],
+        tmp_path,
+        tmp_path / "data",
+    )
+    metrics, objects = train(cfg)
+    datamodule = objects["datamodule"]
+    assert datamodule.bad_records == {s: {} for s in datamodule.bad_records}
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert Path(cfg.paths.output_dir, "answer_vocab.json").is_file()

@@ -1,0 +1,276 @@
+"""The LightningDataModule: split tables -> answer vocabulary, tokenizer, cached encodings ->
+batches of images, padded questions and soft targets.
+
+Built by Hydra from ``configs/data/<name>.yaml``. Evaluation passes a checkpoint's
+``answer_vocab`` and ``tokenizer`` (see :mod:`vqa.data.artifacts`) so class ids and token ids
+match the trained model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from datasets import Dataset, Features, List, Value
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
+
+from vqa.data.answers import AnswerVocab, soft_scores
+from vqa.data.artifacts import artifacts_to_dict, save_artifacts
+from vqa.data.collate import VQACollator
+from vqa.data.dataset import VQADataset
+from vqa.data.errors import BadRecordLog, OnBadRecord
+from vqa.data.images import build_transform
+from vqa.data.sources import DataSource
+from vqa.data.table import SplitTable, column
+from vqa.data.tokenizer import load_tokenizer
+
+ENCODING_VERSION = "1"  # bump when encode_batch changes, to invalidate cached encodings
+ENCODED_FEATURES = Features(
+    {
+        "input_ids": List(Value("int32")),
+        "target_index": List(Value("int32")),
+        "target_score": List(Value("float32")),
+    }
+)
+
+
+def encode_batch(
+    questions: list[str],
+    answers: list[list[str]],
+    *,
+    tokenizer: PreTrainedTokenizerFast,
+    vocab: AnswerVocab,
+    max_length: int,
+) -> dict[str, list[list[Any]]]:
+    """Token ids (with [CLS]/[SEP], truncated to ``max_length``) and sparse soft targets.
+
+    Targets are stored sparse (a few ids per question, not 3129 floats) and densified per batch.
+    """
+    input_ids = tokenizer(
+        questions,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )["input_ids"]
+    scores = [soft_scores(human, vocab) if human else {} for human in answers]
+    return {
+        "input_ids": input_ids,
+        "target_index": [list(s) for s in scores],
+        "target_score": [list(s.values()) for s in scores],
+    }
+
+
+def _tokenizer_key(tokenizer: PreTrainedTokenizerFast) -> str:
+    """What makes token ids differ: the backend pipeline, minus truncation/padding state that
+    calling the tokenizer changes."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return json.dumps(spec, sort_keys=True)
+
+
+class VQADataModule(pl.LightningDataModule):
+    """VQA batches from any :class:`~vqa.data.sources.DataSource` (shapes, vqav2, hub).
+
+    After ``setup()``: ``answer_vocab``, ``tokenizer``, ``question_types`` (sorted, all loaded
+    annotated splits) and ``bad_records`` ({split: {reason: count}} of skipped records).
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        root: str | Path | None = None,
+        train_split: str = "train2014",
+        val_split: str = "val2014",
+        test_split: str | None = "val2014",
+        vocab_splits: Sequence[str] = ("train2014", "val2014"),
+        tokenizer_name: str | None = None,
+        max_question_length: int = 14,
+        image_size: int = 448,
+        augment: bool = False,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        min_answer_count: int = 9,
+        on_bad_record: OnBadRecord = "error",
+        cache_dir: str | Path | None = None,
+        answer_vocab: AnswerVocab | None = None,
+        tokenizer: PreTrainedTokenizerFast | None = None,
+    ) -> None:
+        super().__init__()
+        BadRecordLog(on_bad_record)  # validates the policy name now, not at setup
+        if max_question_length < 3:
+            raise ValueError(
+                f"max_question_length must fit [CLS], a word and [SEP], got {max_question_length}"
+            )
+        # No save_hyperparameters(): Hydra hands over ListConfig/DictConfig values, which would
+        # stop checkpoints loading with weights_only=True; the run config travels in the module.
+        self.source = source
+        self.root = None if root is None else Path(root)
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self.vocab_splits = list(vocab_splits)
+        self.tokenizer_name = tokenizer_name
+        self.max_question_length = max_question_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.min_answer_count = min_answer_count
+        self.on_bad_record: OnBadRecord = on_bad_record
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.answer_vocab = answer_vocab
+        self.tokenizer = tokenizer
+        self.question_types: list[str] = []
+        self.bad_records: dict[str, dict[str, int]] = {}
+        self.tables: dict[str, SplitTable] = {}
+        self.datasets: dict[str, VQADataset] = {}
+        self.train_transform = build_transform(image_size, augment)
+        self.eval_transform = build_transform(image_size, augment=False)
+
+    # ------------------------------------------------------------------ loading
+
+    def prepare_data(self) -> None:
+        """One-off work on one process: generate the synthetic set, check the root exists."""
+        self.source.prepare(self.root)
+
+    def _table(self, split: str) -> SplitTable:
+        if split not in self.tables:
+            bad = BadRecordLog(self.on_bad_record)
+            self.tables[split] = self.source.load_split(self.root, split, bad)
+            self.bad_records[split] = dict(bad.counts)
+        return self.tables[split]
+
+    def _stage_splits(self, stage: str | None) -> list[str]:
+        by_stage = {
+            "fit": [self.train_split, self.val_split],
+            "validate": [self.val_split],
+            "test": [self.test_split],
+            "predict": [self.test_split],
+        }
+        splits = by_stage.get(stage or "", [self.train_split, self.val_split, self.test_split])
+        return list(dict.fromkeys(s for s in splits if s))
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = self._stage_splits(stage)
+        if self.answer_vocab is None:
+            tables = [self._table(s) for s in self.vocab_splits]
+            if unannotated := [t.split for t in tables if not t.annotated]:
+                raise ValueError(
+                    f"vocab_splits {unannotated} have no annotations to build answers from"
+                )
+            answers = [a for t in tables for a in column(t.table, "multiple_choice_answer")]
+            self.answer_vocab = AnswerVocab.build(answers, min_count=self.min_answer_count)
+        if self.tokenizer is None:
+            texts = (
+                column(self._table(self.train_split).table, "question")
+                if self.tokenizer_name is None
+                else None
+            )
+            self.tokenizer = load_tokenizer(self.tokenizer_name, texts=texts)
+        for split in splits:
+            if split not in self.datasets:
+                self.datasets[split] = self._dataset(split)
+        self.question_types = sorted(
+            {
+                qt
+                for t in self.tables.values()
+                if t.annotated
+                for qt in column(t.table, "question_type")
+            }
+        )
+
+    def _encoding_key(self, table: SplitTable) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        for part in (
+            ENCODING_VERSION,
+            table.fingerprint,
+            _tokenizer_key(self.tokenizer),
+            "\n".join(self.answer_vocab.answers),
+            str(self.max_question_length),
+        ):
+            digest.update(part.encode())
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+    def _dataset(self, split: str) -> VQADataset:
+        table = self._table(split)
+        key = self._encoding_key(table)
+        cache_file = None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            cache_file = str(self.cache_dir / f"encoded-{split}-{key}.arrow")
+        # Only the new columns are written (remove_columns), so the cache never copies rows or
+        # images; an existing cache file with this content key is loaded instead of recomputed.
+        encoded: Dataset = table.table.map(
+            encode_batch,
+            batched=True,
+            input_columns=["question", "answers"],
+            remove_columns=table.table.column_names,
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "vocab": self.answer_vocab,
+                "max_length": self.max_question_length,
+            },
+            features=ENCODED_FEATURES,
+            cache_file_name=cache_file,
+            keep_in_memory=cache_file is None,
+            load_from_cache_file=True,
+            new_fingerprint=key,
+            desc=f"Encoding {split}",
+        )
+        transform = self.train_transform if split == self.train_split else self.eval_transform
+        return VQADataset(table.table, encoded, transform, table.annotated, self.on_bad_record)
+
+    # ------------------------------------------------------------------ artifacts and loaders
+
+    def _ready(self) -> tuple[AnswerVocab, PreTrainedTokenizerFast]:
+        if self.answer_vocab is None or self.tokenizer is None:
+            raise RuntimeError(
+                "the answer vocabulary and tokenizer exist after setup(); call it first"
+            )
+        return self.answer_vocab, self.tokenizer
+
+    def save_artifacts(self, run_dir: str | Path) -> None:
+        """Write the answer vocabulary and tokenizer beside a run (read back by
+        :func:`vqa.data.artifacts.load_artifacts`)."""
+        save_artifacts(run_dir, *self._ready())
+
+    def artifacts(self) -> dict[str, Any]:
+        """The same, as plain data for a checkpoint (:func:`vqa.data.artifacts.artifacts_from_dict`)."""
+        return artifacts_to_dict(*self._ready())
+
+    def _loader(self, split: str | None, shuffle: bool, batch_size: int) -> DataLoader:
+        if split is None or split not in self.datasets:
+            raise RuntimeError(
+                f"split {split!r} is not set up; call setup() with the matching stage first"
+            )
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=VQACollator(self.tokenizer.pad_token_id, len(self.answer_vocab)),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split, shuffle=False, batch_size=self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
