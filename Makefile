@@ -38,10 +38,10 @@ sweep: $(STAMP) ## Small fusion comparison on the synthetic set (Hydra multirun)
 	$(PYTHON) train.py -m experiment=sweep_fusions $(ARGS)
 
 test: $(STAMP) ## Fast test suite (what CI runs)
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n auto $(PYTEST_ARGS)
 
 test-full: $(STAMP) ## Full test suite, slow tests included
-	$(PYTHON) -m pytest -m "" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n auto -m "" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Ruff lint + format check
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,8 @@ and the tokenizer it builds or loads."""
 
 from __future__ import annotations
 
+import itertools
+
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,6 +40,7 @@ SOURCE = ShapesSource(
 )
 BATCH_KEYS = {
     "images",
+    "image_index",
     "input_ids",
     "attention_mask",
     "question_id",
@@ -91,7 +94,12 @@ def test_train_batch_contract(fitted: VQADataModule) -> None:
     assert set(batch) == BATCH_KEYS | {"answers", "targets"}
     b = 8
     images = batch["images"]
-    assert images.shape == (b, 3, 40, 40) and images.dtype == torch.float32
+    # each distinct image once; image_index maps the b questions to their image rows
+    assert images.shape == (batch["image_id"].unique().numel(), 3, 40, 40)
+    assert images.dtype == torch.float32 and batch["image_index"].shape == (b,)
+    for i, j in itertools.combinations(range(b), 2):
+        same_image = bool(batch["image_id"][i] == batch["image_id"][j])
+        assert same_image == bool(batch["image_index"][i] == batch["image_index"][j])
     pixels = (
         images * torch.tensor(IMAGENET_STD)[:, None, None]
         + torch.tensor(IMAGENET_MEAN)[:, None, None]
@@ -138,7 +146,8 @@ def test_unannotated_test_split_has_no_answers(data_root: Path) -> None:
     dm = make_dm(data_root, None, test_split="test2015")
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
-    assert set(batch) == BATCH_KEYS and batch["images"].shape[0] == 3 * 4
+    assert set(batch) == BATCH_KEYS and batch["image_index"].shape[0] == 3 * 4
+    assert batch["images"].shape[0] == 3  # 3 images x 4 questions, each image stored once
     assert batch["answer_type"] == [""] * 12
     assert set(dm.datasets) == {"test2015"}  # train/val were read for the vocabulary only
 
@@ -308,6 +317,7 @@ def data_config(name: str, tmp_path: Path, **data: Any) -> Any:
     return OmegaConf.create(
         {
             "paths": {"data_dir": str(tmp_path)},
+            "seed": 0,
             "model": {"text": {"name_or_path": None}},
             "data": node,
         }

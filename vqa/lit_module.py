@@ -1,14 +1,18 @@
 """The LightningModule: modality dropout, loss, VQA accuracy and the optimisation recipe.
 
 Everything the Trainer already does (gradient clipping, AMP, accumulation, devices, DDP) stays
-in `configs/trainer/`; this module owns only what is specific to VQA.
+in `configs/trainer/`; this module owns only what is specific to VQA, plus the random-number
+state a checkpoint needs so that a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
@@ -21,6 +25,49 @@ from vqa.models.vqa_model import VQAModel, VQAOutput
 
 ANSWER_TYPE_KEYS = {"yes/no": "acc_yesno", "number": "acc_number", "other": "acc_other"}
 LOSSES = ("bce", "ce")
+NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+
+
+def capture_rng_states(device: torch.device) -> dict[str, Any]:
+    """Every generator a training step draws from (modality dropout, nn.Dropout, the shuffling
+    sampler, augmentations), as tensors and plain values so ``weights_only=True`` loads them.
+
+    Lightning does not checkpoint these; without them a resumed run shuffles and drops
+    differently from the run it continues.
+    """
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        # This device only: get_rng_state_all() would open a context on every GPU of the node.
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    """Inverse of :func:`capture_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    np_state = states["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    random.setstate(states["python"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 class VQALitModule(LightningModule):
@@ -52,6 +99,16 @@ class VQALitModule(LightningModule):
         for name, p in (("image_dropout", image_dropout), ("question_dropout", question_dropout)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"module.{name} must be a probability in [0, 1], got {p}")
+        if image_dropout + question_dropout > 1.0:
+            raise ValueError(
+                "a sample never loses both modalities, so module.image_dropout + "
+                f"module.question_dropout must be <= 1, got {image_dropout} + {question_dropout}"
+            )
+        if not 0.0 <= warmup_fraction <= 1.0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(
+                "module.warmup_fraction and module.min_lr_ratio must lie in [0, 1], got "
+                f"{warmup_fraction} and {min_lr_ratio}"
+            )
         # Plain values only: the checkpoint's hyper_parameters must load with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
         self.net = net
@@ -64,7 +121,10 @@ class VQALitModule(LightningModule):
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        self.val_acc_best = MaxMetric()
+        # Persistent: the best accuracy so far is part of the run, and a resumed run must not
+        # forget it (checkpoint selection and sweepers read val/acc_best).
+        self.val_acc_best = MaxMetric().persistent(True)
+        self._resume_rng_states: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], **drop: Tensor | None) -> VQAOutput:
@@ -73,6 +133,7 @@ class VQALitModule(LightningModule):
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             visual_features=batch.get("visual_features"),
+            image_index=batch.get("image_index"),
             **drop,
         )
 
@@ -80,16 +141,17 @@ class VQALitModule(LightningModule):
         """Per-sample masks: a sample loses its image or its question, never both.
 
         Losing both would only teach the answer prior, which the bias of the head already holds.
+        One uniform draw per sample split into disjoint intervals makes the two events exclusive
+        while each keeps exactly its configured probability.
         """
         p_img, p_q = self.hparams.image_dropout, self.hparams.question_dropout
         u = torch.rand(batch_size, device=self.device)
-        drop_image = u < p_img
-        # Disjoint events: the question is dropped with probability p_q overall, chosen among the
-        # samples that kept their image, so the configured probabilities hold exactly.
-        drop_question = (u >= p_img) & (u < p_img + p_q) if p_img + p_q <= 1 else ~drop_image
-        return {"drop_image": drop_image, "drop_question": drop_question}
+        return {"drop_image": u < p_img, "drop_question": (u >= p_img) & (u < p_img + p_q)}
 
     def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        # In float32 whatever the autocast dtype: bf16 logits lose the small probabilities that
+        # BCE over thousands of mostly-zero targets is made of.
+        logits = logits.float()
         if self.hparams.loss == "bce":
             # Summed over answers, averaged over questions (the bottom-up/top-down convention):
             # a mean over 3129 mostly-zero targets would shrink the gradient by 3129x.
@@ -98,8 +160,11 @@ class VQALitModule(LightningModule):
                 / logits.shape[0]
             )
         labels = targets.argmax(dim=1)
-        labels[targets.amax(dim=1) <= 0] = -100  # most common answer outside the vocabulary
-        return F.cross_entropy(logits, labels, ignore_index=-100)
+        in_vocab = targets.amax(dim=1) > 0  # the most common answer can be outside the vocabulary
+        if not in_vocab.any():
+            # cross_entropy averages over zero labels to NaN; no label is no signal, not NaN
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[in_vocab], labels[in_vocab])
 
     def decode(self, logits: Tensor) -> list[str]:
         return [self.answer_vocab[i] for i in logits.argmax(dim=1).tolist()]
@@ -144,48 +209,60 @@ class VQALitModule(LightningModule):
             "logits": out.logits,
         }
 
-    def _log_accuracy(self, stage: str) -> float:
+    def _log_accuracy(self, stage: str) -> Tensor:
         metric: VQAAccuracy = getattr(self, f"{stage}_acc")
-        result = metric.compute()
+        result = metric.compute()  # synced across DDP ranks by torchmetrics
         overall = result["overall"]
-        self.log(f"{stage}/acc", overall, prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/acc", overall, prog_bar=True)
         for answer_type, key in ANSWER_TYPE_KEYS.items():
             if answer_type in result:
                 self.log(f"{stage}/{key}", result[answer_type])
         metric.reset()
-        return float(overall)
-
-    def on_train_start(self) -> None:
-        # Lightning's sanity check runs validation before training: do not let it set the best.
-        self.val_acc_best.reset()
+        return overall
 
     def on_train_epoch_end(self) -> None:
         self._log_accuracy("train")
 
     def on_validation_epoch_end(self) -> None:
         acc = self._log_accuracy("val")
+        # The sanity check validates an untrained model: it must not set the best.
         if not self.trainer.sanity_checking:
-            self.val_acc_best(acc)
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+            self.val_acc_best.update(acc)
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_accuracy("test")
 
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = capture_rng_states(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied when training starts, not now: between restoring and the first batch Lightning
+        # and other callbacks may still draw random numbers (the sanity check runs isolated).
+        self._resume_rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        states, self._resume_rng_states = self._resume_rng_states, None
+        if states is not None and self.trainer.ckpt_path:
+            # Under DDP every rank gets rank 0's state: seed_everything seeds all ranks alike,
+            # so their streams were identical anyway.
+            restore_rng_states(states, self.device)
+
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: encoders at a smaller LR, and no weight decay on norms and biases."""
-        base_lr = (
-            self.optimizer_factory.keywords.get("lr", 1e-3)
-            if hasattr(self.optimizer_factory, "keywords")
-            else 1e-3
-        )
+        """AdamW groups: encoders apart (smaller LR), and no weight decay on norms, biases,
+        embeddings and other vectors (learned nulls, scales), whose decay only hurts.
+
+        Groups are named (``lr-AdamW/encoder`` in the LR monitor) and marked ``lr_scale``,
+        applied to the optimizer's LR in :meth:`configure_optimizers`.
+        """
         encoders = {id(p) for m in (self.net.visual, self.net.text) for p in m.parameters()}
-        no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
         no_decay = {
             id(p)
             for m in self.net.modules()
             for name, p in m.named_parameters(recurse=False)
-            if name.endswith("bias") or isinstance(m, no_decay_types) or p.ndim <= 1
+            if isinstance(m, NO_DECAY_MODULES) or name.endswith("bias") or p.ndim <= 1
         }
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for p in self.net.parameters():
@@ -193,9 +270,12 @@ class VQALitModule(LightningModule):
                 groups.setdefault((id(p) in encoders, id(p) in no_decay), []).append(p)
         result = []
         for (is_encoder, skip_decay), params in sorted(groups.items()):
-            group: dict[str, Any] = {"params": params}
-            if is_encoder:
-                group["lr"] = base_lr * self.hparams.encoder_lr_multiplier
+            group: dict[str, Any] = {
+                "params": params,
+                "name": ("encoder" if is_encoder else "fusion_head")
+                + ("_no_decay" if skip_decay else ""),
+                "lr_scale": self.hparams.encoder_lr_multiplier if is_encoder else 1.0,
+            }
             if skip_decay:
                 group["weight_decay"] = 0.0
             result.append(group)
@@ -203,13 +283,26 @@ class VQALitModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(params=self.parameter_groups())
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        # The optimizer filled in its configured LR; scale it before the scheduler records it
+        # as each group's peak (initial_lr).
+        for group in optimizer.param_groups:
+            group["lr"] *= group["lr_scale"]
+        # Optimizer steps over the whole run, accumulation and limit_train_batches included;
+        # the same on resume, so a restored scheduler continues on the same curve.
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError(
+                "the cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
+            )
+        total_steps = max(1, int(total_steps))
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer,
             num_warmup_steps=int(self.hparams.warmup_fraction * total_steps),
             num_training_steps=total_steps,
             min_lr_rate=self.hparams.min_lr_ratio,
         )
+        # interval=step: Lightning steps it once per optimizer step, i.e. after the last of
+        # accumulate_grad_batches micro-batches, never per micro-batch.
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

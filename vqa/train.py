@@ -13,6 +13,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger
 
 from vqa.config_schema import register_schemas
 from vqa.utils import (
@@ -46,6 +47,56 @@ def build_components(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightn
     return datamodule, module
 
 
+def has_test_annotations(datamodule: pl.LightningDataModule) -> bool:
+    """Whether `trainer.test` can score the test split: VQA v2 test-dev2015/test2015 have
+    questions only, and are for `predict` (EvalAI submissions), not for `test`."""
+    split = getattr(datamodule, "test_split", None)
+    if split is None:
+        return False
+    datamodule.setup("test")  # loads the split once; trainer.test reuses it
+    return datamodule.tables[split].annotated
+
+
+def close_loggers(loggers: list[Logger], status: str) -> None:
+    """Flush and close every logger, marking the run ``status`` ("success" or "failed").
+
+    Lightning finalizes loggers after each fit/test, but not when a run fails outside them, and
+    it never ends a wandb run: its background process would linger, the run stay "running".
+    """
+    for lg in loggers:
+        lg.finalize(status)
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish(exit_code=0 if status == "success" else 1)
+
+
+def run_test(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+) -> dict[str, float]:
+    """Score the best checkpoint of this fit (or `ckpt_path` when not training) on the test
+    split; nothing when that split has no answers to score against."""
+    if not has_test_annotations(datamodule):
+        log.warning(
+            "Skipping trainer.test: test split %r has no annotations to score (use "
+            "`python -m vqa.predict` for EvalAI submissions, or set data.test_split=val2014).",
+            getattr(datamodule, "test_split", None),
+        )
+        return {}
+    if cfg.get("train"):
+        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        if ckpt is None:
+            log.warning("No best checkpoint (checkpointing off?): testing the current weights.")
+    else:
+        ckpt = cfg.get("ckpt_path")
+    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit and test; returns every metric the trainer logged and the objects it built."""
     if cfg.get("seed") is not None:
@@ -54,32 +105,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule, module = build_components(cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    if trainer.is_global_zero:
-        datamodule.save_artifacts(cfg.paths.output_dir)
-
+    status = "failed"
     try:
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if trainer.is_global_zero:
+            datamodule.save_artifacts(cfg.paths.output_dir)
+
         if cfg.get("train"):
             trainer.fit(
                 module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
             )
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
-            best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-            if best is None:
-                log.warning("No best checkpoint (checkpointing off?): testing the current weights.")
-            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
-            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+            metrics |= run_test(cfg, trainer, module, datamodule)
+        status = "success"
     finally:
-        # Loggers with background processes (wandb) must be closed even when training crashes.
-        for lg in loggers:
-            lg.finalize("success")
-        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-            import wandb
-
-            wandb.finish()
+        close_loggers(loggers, status)
     return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}
 
 

@@ -15,7 +15,10 @@ from vqa.data.errors import DataError
 class VQACollator:
     """Turns sample dicts from :class:`~vqa.data.dataset.VQADataset` into the batch dict.
 
-    ``images`` [B,3,H,W] float, ``input_ids``/``attention_mask`` [B,N] long (right padding),
+    ``images`` [U,3,H,W] float, one per distinct image of the batch, and ``image_index`` [B]
+    long, the row of each question's image: VQA has several questions per image, so an
+    image-grouped batch runs the visual encoder once per image instead of once per question.
+    ``input_ids``/``attention_mask`` [B,N] long (right padding),
     ``question_id``/``image_id`` [B] long, ``question``/``question_type``/``answer_type``
     lists; for annotated splits also ``answers`` (ten raw strings each) and ``targets``
     [B, num_answers] float soft scores.
@@ -34,8 +37,16 @@ class VQACollator:
         ids = [torch.tensor(s["input_ids"], dtype=torch.long) for s in kept]
         lengths = torch.tensor([len(t) for t in ids])
         input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)
+        rows: dict[int, int] = {}  # image_id -> row in `images`
+        images, image_index = [], []
+        for s in kept:
+            if s["image_id"] not in rows:
+                rows[s["image_id"]] = len(images)
+                images.append(s["image"])
+            image_index.append(rows[s["image_id"]])
         batch: dict[str, Any] = {
-            "images": torch.stack([s["image"] for s in kept]),
+            "images": torch.stack(images),
+            "image_index": torch.tensor(image_index, dtype=torch.long),
             "input_ids": input_ids,
             "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
             "question_id": torch.tensor([s["question_id"] for s in kept], dtype=torch.long),

@@ -25,6 +25,7 @@ from vqa.data.collate import VQACollator
 from vqa.data.dataset import VQADataset
 from vqa.data.errors import BadRecordLog, OnBadRecord
 from vqa.data.images import build_transform
+from vqa.data.samplers import ImageGroupedSampler
 from vqa.data.sources import DataSource
 from vqa.data.table import SplitTable, column
 from vqa.data.tokenizer import load_tokenizer
@@ -104,6 +105,8 @@ class VQADataModule(pl.LightningDataModule):
         cache_dir: str | Path | None = None,
         answer_vocab: AnswerVocab | None = None,
         tokenizer: PreTrainedTokenizerFast | None = None,
+        group_by_image: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         BadRecordLog(on_bad_record)  # validates the policy name now, not at setup
@@ -128,6 +131,7 @@ class VQADataModule(pl.LightningDataModule):
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.answer_vocab = answer_vocab
         self.tokenizer = tokenizer
+        self.group_by_image, self.seed = group_by_image, seed
         self.question_types: list[str] = []
         self.bad_records: dict[str, dict[str, int]] = {}
         self.tables: dict[str, SplitTable] = {}
@@ -252,10 +256,17 @@ class VQADataModule(pl.LightningDataModule):
             raise RuntimeError(
                 f"split {split!r} is not set up; call setup() with the matching stage first"
             )
+        dataset = self.datasets[split]
+        sampler = None
+        if shuffle and self.group_by_image:
+            # Under DDP Lightning re-shuffles a custom sampler per rank: still correct, only
+            # the one-encoder-pass-per-image saving is lost.
+            sampler = ImageGroupedSampler(column(dataset.table, "image_id"), seed=self.seed)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

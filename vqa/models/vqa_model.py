@@ -69,10 +69,15 @@ class VQAModel(nn.Module):
         attention_mask: Tensor | None = None,
         *,
         visual_features: Sequence[Tensor] | None = None,
+        image_index: Tensor | None = None,
         drop_image: Tensor | None = None,
         drop_question: Tensor | None = None,
     ) -> VQAOutput:
-        """Exactly one of ``images`` / ``visual_features``; ``drop_*`` are [B] bool masks."""
+        """Exactly one of ``images`` / ``visual_features``; ``drop_*`` are [B] bool masks.
+
+        ``image_index`` [B] maps each question to its row of ``images``/``visual_features``
+        when a batch carries each distinct image once (None: one image per question).
+        """
         if (images is None) == (visual_features is None):
             raise ValueError("pass exactly one of images or visual_features")
         if input_ids is None or attention_mask is None:
@@ -83,6 +88,8 @@ class VQAModel(nn.Module):
                 f"visual stages have {[stage.shape[1] for stage in visual]} channels, the model "
                 f"was built for {self.visual_channels}"
             )
+        if image_index is not None:
+            visual = [stage.index_select(0, image_index) for stage in visual]
         text = self.text(input_ids, attention_mask)
         mask = attention_mask.bool()
 

@@ -1,0 +1,270 @@
+"""Rebuild a trained :class:`~vqa.models.vqa_model.VQAModel` from a Lightning checkpoint.
+
+Shared by evaluation, prediction and export. A checkpoint is untrusted input: it is read with
+``torch.load(weights_only=True)`` (no pickled code), and the ``_target_`` entries of the config
+it carries may only name classes of this package (``vqa.models.*`` / ``vqa.data.*``), because
+Hydra would otherwise call whatever a crafted config names. Anything that does not fit (a
+corrupted file, weights of another fusion block, a head sized for another vocabulary) raises a
+:class:`CheckpointError` that says what is wrong and with which file.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+from torch import Tensor
+from transformers import PreTrainedTokenizerFast
+
+from vqa.data.answers import AnswerVocab
+from vqa.data.artifacts import artifacts_from_dict
+from vqa.models.vqa_model import VQAModel
+
+REQUIRED_HPARAMS = ("run_config", "answer_vocab", "data_artifacts")
+NET_PREFIX = "net."  # the LightningModule holds the VQAModel as `net`
+MODEL_TARGET_PREFIX = "vqa.models."
+DATA_TARGET_PREFIX = "vqa.data."
+MAX_KEYS_SHOWN = 4
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class TrainedModel:
+    """A model rebuilt from a checkpoint (eval mode, CPU) with its data-side artifacts."""
+
+    model: VQAModel
+    answer_vocab: AnswerVocab
+    tokenizer: PreTrainedTokenizerFast
+    run_config: dict[str, Any]
+    hparams: dict[str, Any]
+    path: Path
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The resolved data config of the training run (a copy: callers override paths)."""
+        return copy.deepcopy(self.run_config["data"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.run_config["data"]["image_size"])
+
+    @property
+    def max_question_length(self) -> int:
+        return int(self.run_config["data"]["max_question_length"])
+
+    @property
+    def question_types(self) -> list[str]:
+        return list(self.hparams.get("question_types") or [])
+
+    @property
+    def loss(self) -> str:
+        """``bce`` (independent sigmoid scores) or ``ce`` (softmax over answers)."""
+        return str(self.hparams.get("loss", "bce"))
+
+    @property
+    def fusion_name(self) -> str:
+        return self.run_config["model"]["fusion"]["_target_"].rsplit(".", 1)[-1]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` on CPU, with every failure turned into a clear error."""
+    path = Path(path)
+    if path.is_dir():
+        hint = next(iter(sorted(path.glob("**/last.ckpt"))), None)
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file"
+            + (f"; did you mean {hint}?" if hint else "; pass a .ckpt file")
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain data, so it is "
+                "refused: checkpoints are read with weights_only=True so that loading one can "
+                "never run code. Use a checkpoint written by this framework's training."
+            ) from err
+        raise CheckpointError(f"{path} is corrupted or not a PyTorch checkpoint ({err})") from err
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is corrupted or not a PyTorch checkpoint (truncated copy or interrupted "
+            f"save?): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def check_targets(config: Any, prefix: str, where: str) -> None:
+    """Every ``_target_`` in ``config`` must be a class under ``prefix``; checked before any
+    instantiation, so a crafted config cannot make Hydra call e.g. ``os.system``."""
+    for target in _targets(config):
+        if not isinstance(target, str) or not target.startswith(prefix):
+            raise CheckpointError(
+                f"{where}: _target_ {target!r} is outside {prefix}*; refusing to instantiate it "
+                "(a checkpoint's config may only name classes of this package)"
+            )
+        try:
+            get_class(target)
+        except (ImportError, ValueError) as err:
+            raise CheckpointError(
+                f"{where}: _target_ {target!r} is not a class of this version of the package "
+                f"(written by another version?): {err}"
+            ) from err
+
+
+def _targets(node: Any) -> Iterator[Any]:
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            yield node["_target_"]
+        for value in node.values():
+            yield from _targets(value)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            yield from _targets(value)
+
+
+def build_model(
+    model_config: Mapping[str, Any], num_answers: int, vocab_size: int | None
+) -> VQAModel:
+    """Instantiate the architecture of ``model_config`` with random weights.
+
+    Pretrained weights (ImageNet ResNet, hub BERT) are switched off: the checkpoint's weights
+    replace them anyway, so downloading them would only cost time and need a network. A hub
+    BERT's *config* is still read (from the local cache first) to know its architecture.
+    """
+    check_targets(model_config, MODEL_TARGET_PREFIX, "model config")
+    cfg = OmegaConf.create(copy.deepcopy(dict(model_config)))
+    cfg.visual.weights = None
+    if "pretrained" in cfg.text:
+        cfg.text.pretrained = False
+    with warnings.catch_warnings():
+        # ResNetEncoder warns about frozen BN with random weights; ours arrive right after.
+        warnings.filterwarnings("ignore", message="bn='frozen' with random weights")
+        model = instantiate(cfg, num_answers=num_answers, vocab_size=vocab_size)
+    if not isinstance(model, VQAModel):
+        raise CheckpointError(f"model config builds a {type(model).__name__}, not a VQAModel")
+    return model
+
+
+def load_weights(model: VQAModel, state: Mapping[str, Tensor], where: str) -> None:
+    """``model.load_state_dict(state)``, explaining a mismatch instead of listing raw keys."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(expected.keys() & state.keys())
+        if state[k].shape != expected[k].shape
+    ]
+    if not (missing or unexpected or reshaped):
+        model.load_state_dict(state)
+        return
+    hints = []
+    head_out = _head_outputs(state)
+    num_answers = _head_outputs(expected)
+    if head_out is not None and head_out != num_answers:
+        hints.append(
+            f"the answer head has {head_out} outputs but the answer vocabulary has "
+            f"{num_answers} answers (weights and vocabulary come from different runs)"
+        )
+    if any(k.startswith("fusion.") for k in (*missing, *unexpected)):
+        hints.append(
+            "the fusion weights belong to another fusion block than the config's "
+            f"{type(model.fusion).__name__} (or another version of it)"
+        )
+    details = [
+        f"{len(items)} {label} (e.g. {', '.join(items[:MAX_KEYS_SHOWN])})"
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("with another shape", reshaped),
+        )
+        if items
+    ]
+    raise CheckpointError(
+        f"{where}: the weights do not fit the model its config describes"
+        + (f": {'; '.join(hints)}" if hints else "")
+        + f". Parameters: {'; '.join(details)}"
+    )
+
+
+def _head_outputs(state: Mapping[str, Tensor]) -> int | None:
+    """Rows of the answer head's last weight matrix (= number of answers)."""
+    weights = [v for k, v in state.items() if k.startswith("head.") and k.endswith("weight")]
+    matrices = [w for w in weights if w.ndim == 2]
+    return int(matrices[-1].shape[0]) if matrices else None
+
+
+def _text_vocab_rows(state: Mapping[str, Tensor]) -> int | None:
+    """Rows of the trained word embedding: a hub model may have more than its tokenizer."""
+    rows = [
+        int(v.shape[0])
+        for k, v in state.items()
+        if k.startswith("text.") and k.endswith("word_embeddings.weight")
+    ]
+    return rows[0] if rows else None
+
+
+def load_checkpoint(path: str | Path) -> TrainedModel:
+    """The model (eval mode, CPU), answer vocabulary and tokenizer of a training checkpoint."""
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(hparams, dict) or not isinstance(state_dict, dict):
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint of this framework (no hyper_parameters / "
+            "state_dict); pass a .ckpt written by `python train.py`"
+        )
+    if missing := [k for k in REQUIRED_HPARAMS if k not in hparams]:
+        raise CheckpointError(
+            f"{path}: hyper_parameters lack {missing}; it was not written by this framework's "
+            "VQALitModule (or by an older version that did not store them)"
+        )
+    run_config = hparams["run_config"]
+    try:
+        vocab, tokenizer = artifacts_from_dict(hparams["data_artifacts"])
+    except (KeyError, TypeError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable data_artifacts (vocabulary/tokenizer): {err}")
+    if list(vocab.answers) != list(hparams["answer_vocab"]):
+        raise CheckpointError(
+            f"{path}: answer_vocab ({len(hparams['answer_vocab'])} answers) and data_artifacts "
+            f"({len(vocab)} answers) disagree; the checkpoint was edited or mixed from two runs"
+        )
+    state = {k[len(NET_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(NET_PREFIX)}
+    if not state:
+        raise CheckpointError(f"{path}: state_dict has no '{NET_PREFIX}*' weights")
+    try:
+        model_config = run_config["model"]
+        check_targets(run_config.get("data"), DATA_TARGET_PREFIX, f"{path}: data config")
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: run_config has no usable 'model' section: {err}") from err
+    model = build_model(
+        model_config,
+        num_answers=len(vocab),
+        vocab_size=_text_vocab_rows(state) or len(tokenizer),
+    )
+    load_weights(model, state, str(path))
+    model.eval()
+    return TrainedModel(
+        model=model,
+        answer_vocab=vocab,
+        tokenizer=tokenizer,
+        run_config=run_config,
+        hparams=hparams,
+        path=path,
+    )
