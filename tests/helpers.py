@@ -54,7 +54,7 @@ TINY_DATA_OVERRIDES: list[str] = [
     "data.source.image_size=32",
     "data.image_size=32",
     "data.num_workers=0",
-    "data.batch_size=4",
+    "data.batch_size=8",  # two whole images per grouped batch: BatchNorm needs more than one
 ]
 
 

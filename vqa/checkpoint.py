@@ -104,7 +104,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"save?): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(checkpoint).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a checkpoint dict, got {type(checkpoint).__name__}"
+        )
     return checkpoint
 
 
@@ -239,7 +241,9 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
     try:
         vocab, tokenizer = artifacts_from_dict(hparams["data_artifacts"])
     except (KeyError, TypeError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable data_artifacts (vocabulary/tokenizer): {err}")
+        raise CheckpointError(
+            f"{path}: unreadable data_artifacts (vocabulary/tokenizer): {err}"
+        ) from err
     if list(vocab.answers) != list(hparams["answer_vocab"]):
         raise CheckpointError(
             f"{path}: answer_vocab ({len(hparams['answer_vocab'])} answers) and data_artifacts "

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -123,8 +124,8 @@ class VQALitModule(LightningModule):
         self.test_loss = MeanMetric()
         # Persistent: the best accuracy so far is part of the run, and a resumed run must not
         # forget it (checkpoint selection and sweepers read val/acc_best).
-        self.val_acc_best = MaxMetric().persistent(True)
-        self._resume_rng_states: dict[str, Any] | None = None
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], **drop: Tensor | None) -> VQAOutput:
@@ -238,16 +239,15 @@ class VQALitModule(LightningModule):
         checkpoint["rng_states"] = capture_rng_states(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Applied when training starts, not now: between restoring and the first batch Lightning
-        # and other callbacks may still draw random numbers (the sanity check runs isolated).
-        self._resume_rng_states = checkpoint.get("rng_states")
-
-    def on_train_start(self) -> None:
-        states, self._resume_rng_states = self._resume_rng_states, None
-        if states is not None and self.trainer.ckpt_path:
-            # Under DDP every rank gets rank 0's state: seed_everything seeds all ranks alike,
-            # so their streams were identical anyway.
-            restore_rng_states(states, self.device)
+        # Only when resuming a fit: testing a checkpoint, or loading one to evaluate
+        # (load_from_checkpoint, no trainer), must not reseed the caller. Restored now, not in
+        # on_train_start: Lightning creates the resumed epoch's data iterator (which draws the
+        # sampler and worker seeds) while setting up, before any training hook runs.
+        # Under DDP every rank gets rank 0's state: seed_everything seeds all ranks alike, so
+        # their streams were identical anyway.
+        resuming = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if resuming and "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"], self.device)
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -1,0 +1,338 @@
+"""Checkpoint evaluation: `python -m vqa.eval ckpt_path=... [data=vqav2 data.root=... split=...]`.
+
+Rebuilds the model, vocabulary and tokenizer from the checkpoint, runs one split and writes into
+the run folder an EvalAI results file ``[{"question_id", "answer"}]`` covering every question of
+the split, plus ``metrics.json``. Annotated splits (val2014) are scored by the offline evaluator
+(:func:`vqa.evaluation.evaluate_results`, the official algorithm) on exactly the results that
+file holds; test-dev2015 / test2015 have no public answers, so the file is the submission and
+scoring happens on EvalAI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from vqa.checkpoint import TrainedModel, load_checkpoint
+from vqa.config_schema import register_schemas
+from vqa.data.datamodule import VQADataModule
+from vqa.data.table import column
+from vqa.evaluation import EvalReport, evaluate_results
+from vqa.models.vqa_model import VQAModel
+from vqa.utils import apply_extras, instantiate_callbacks, set_project_root
+from vqa.utils.project import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+# The model was trained on these: a `data=<group>` swap must not silently change them.
+PREPROCESSING_KEYS = ("image_size", "max_question_length")
+# Batch entries VQAModel takes; the rest (answers, types, ...) is for scoring.
+MODEL_INPUT_KEYS = ("images", "visual_features", "image_index", "input_ids", "attention_mask")
+METRICS_FILE = "metrics.json"
+
+
+class SplitPredictor(pl.LightningModule):
+    """Predicts one answer id per question; the Trainer brings devices, precision and DDP."""
+
+    def __init__(self, net: VQAModel) -> None:
+        super().__init__()
+        self.net = net
+        self._question_ids: list[Tensor] = []
+        self._answer_ids: list[Tensor] = []
+        self.predictions: dict[int, int] = {}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
+        self._question_ids.append(batch["question_id"])
+        self._answer_ids.append(self.net(**inputs).logits.argmax(dim=1))
+
+    def on_predict_epoch_end(self) -> None:
+        ids, answers = self._gather(torch.cat(self._question_ids), torch.cat(self._answer_ids))
+        # DistributedSampler pads with repeated questions: the dict keeps each one once.
+        self.predictions = dict(zip(ids.tolist(), answers.tolist(), strict=True))
+        self._question_ids.clear()
+        self._answer_ids.clear()
+
+    def _gather(self, ids: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]:
+        """All ranks' predictions on every rank. Ranks may hold different counts (skipped
+        unreadable images), and all_gather needs equal shapes: pad with -1, then drop."""
+        if self.trainer.world_size == 1:
+            return ids, answers
+        counts = self.all_gather(torch.tensor(ids.numel(), device=ids.device))
+        width = int(counts.max())
+        padded = torch.full((2, width), -1, dtype=torch.long, device=ids.device)
+        padded[0, : ids.numel()], padded[1, : ids.numel()] = ids, answers
+        gathered = self.all_gather(padded)  # [world, 2, width]
+        kept = gathered[:, 0] >= 0
+        return gathered[:, 0][kept], gathered[:, 1][kept]
+
+
+@dataclass
+class EvalOutcome:
+    """What one evaluation produced (``report`` is None for splits without answers)."""
+
+    split: str
+    results_file: Path
+    metrics_file: Path
+    num_questions: int
+    seconds: float
+    report: EvalReport | None = None
+    counts: dict[str, Counter[str]] = field(default_factory=dict)
+    missing_question_ids: list[int] = field(default_factory=list)
+
+    @property
+    def questions_per_second(self) -> float:
+        return self.num_questions / self.seconds if self.seconds > 0 else float("nan")
+
+
+def explicit_data_keys() -> set[str]:
+    """``data.*`` keys given on this run's command line (empty outside a Hydra run)."""
+    if not HydraConfig.initialized():
+        return set()
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return {
+        o.key_or_group.removeprefix("data.")
+        for o in overrides
+        if o.key_or_group.startswith("data.")
+    }
+
+
+def resolve_data_config(
+    trained: TrainedModel, data: DictConfig | dict[str, Any], explicit: Collection[str] = ()
+) -> dict[str, Any]:
+    """The data config to evaluate with: the checkpoint's, with ``data``'s non-null values on top.
+
+    If ``data`` is a whole data config (a ``data=<group>`` choice, it has a ``_target_``) it
+    replaces the checkpoint's source and loader settings, but the preprocessing the model was
+    trained with stays unless given explicitly (``explicit``: keys set on the command line).
+    """
+    trained_cfg = trained.data_config
+    overlay = OmegaConf.create(data) if isinstance(data, dict) else data.copy()
+    swap_source = "_target_" in overlay
+    if swap_source:
+        for key in PREPROCESSING_KEYS:
+            if key not in explicit:
+                overlay[key] = trained_cfg[key]
+        # The tokenizer object comes from the checkpoint; the group's tokenizer_name may
+        # interpolate a model config that evaluation does not have.
+        overlay.tokenizer_name = trained_cfg.get("tokenizer_name")
+    values = OmegaConf.to_container(overlay, resolve=True)
+    values = {k: v for k, v in values.items() if v is not None}
+    return values if swap_source else {**trained_cfg, **values}
+
+
+def build_datamodule(
+    trained: TrainedModel, data_config: dict[str, Any], split: str
+) -> VQADataModule:
+    """The datamodule for ``split`` with the checkpoint's answer vocabulary and tokenizer."""
+    # Objects go to the partial, not to instantiate(): Hydra would turn the AnswerVocab
+    # dataclass into a config node.
+    datamodule = instantiate(OmegaConf.create(data_config), _partial_=True)(
+        answer_vocab=trained.answer_vocab, tokenizer=trained.tokenizer, test_split=split
+    )
+    datamodule.prepare_data()
+    datamodule.setup("predict")
+    return datamodule
+
+
+def results_file_name(split: str, method_name: str) -> str:
+    return f"v2_OpenEnded_mscoco_{split}_{method_name}_results.json"
+
+
+def run_split(
+    trained: TrainedModel, datamodule: VQADataModule, trainer: pl.Trainer
+) -> tuple[dict[int, str], float]:
+    """Answer strings by question id, and the seconds the pass took (loading included)."""
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        # Spawned workers' predictions never reach this process.
+        raise ValueError(
+            "evaluation needs every process to run this script: use trainer.strategy=ddp "
+            "(not ddp_spawn / ddp_fork) or a single device"
+        )
+    predictor = SplitPredictor(trained.model)
+    start = time.perf_counter()
+    trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
+    seconds = time.perf_counter() - start
+    vocab = trained.answer_vocab
+    return {qid: vocab.decode(a) for qid, a in predictor.predictions.items()}, seconds
+
+
+def score(table_columns: dict[str, list[Any]], predictions: dict[int, str]) -> EvalReport:
+    """The official evaluator on in-memory annotations built from the loaded split table, so
+    every source (files, hub) is scored by the same code that scores a results file."""
+    annotations = [
+        {
+            "question_id": qid,
+            "question_type": qtype,
+            "answer_type": atype,
+            "answers": [{"answer": a} for a in answers],
+        }
+        for qid, qtype, atype, answers in zip(
+            table_columns["question_id"],
+            table_columns["question_type"],
+            table_columns["answer_type"],
+            table_columns["answers"],
+            strict=True,
+        )
+        if qid in predictions
+    ]
+    results = [
+        {"question_id": a["question_id"], "answer": predictions[a["question_id"]]}
+        for a in annotations
+    ]
+    questions = {"questions": [{"question_id": a["question_id"]} for a in annotations]}
+    return evaluate_results({"annotations": annotations}, questions, results)
+
+
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    trainer: pl.Trainer,
+    output_dir: str | Path,
+    data: DictConfig | dict[str, Any] | None = None,
+    split: str | None = None,
+    method_name: str = "coattn-vqa",
+    explicit: Collection[str] = (),
+) -> EvalOutcome:
+    """Evaluate ``ckpt_path`` on ``split`` and write the results and metrics files."""
+    trained = load_checkpoint(ckpt_path)
+    data_config = resolve_data_config(trained, data or {}, explicit)
+    split = split or data_config.get("test_split") or data_config["val_split"]
+    datamodule = build_datamodule(trained, data_config, split)
+    table = datamodule.tables[split]
+    predictions, seconds = run_split(trained, datamodule, trainer)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    names = ["question_id", "question_type", "answer_type", "answers"]
+    columns = {name: column(table.table, name) for name in names}
+    order = columns["question_id"]
+    missing = [qid for qid in order if qid not in predictions]
+    outcome = EvalOutcome(
+        split=split,
+        results_file=output_dir / results_file_name(split, method_name),
+        metrics_file=output_dir / METRICS_FILE,
+        num_questions=len(predictions),
+        seconds=seconds,
+        missing_question_ids=missing,
+    )
+    if missing:
+        log.warning(
+            "%d of %d questions have no prediction (records skipped by on_bad_record=skip: %s); "
+            "EvalAI rejects an incomplete submission",
+            len(missing),
+            len(order),
+            datamodule.bad_records.get(split),
+        )
+    if not trainer.is_global_zero:
+        return outcome
+    results = [
+        {"question_id": qid, "answer": predictions[qid]} for qid in order if qid in predictions
+    ]
+    outcome.results_file.write_text(json.dumps(results), encoding="utf-8")
+    if table.annotated:
+        outcome.report = score(columns, predictions)
+        scored = [qid in predictions for qid in order]
+        outcome.counts = {
+            key: Counter(t for t, keep in zip(columns[name], scored, strict=True) if keep)
+            for key, name in (
+                ("perAnswerType", "answer_type"),
+                ("perQuestionType", "question_type"),
+            )
+        }
+    metrics = _metrics_payload(outcome, trained)
+    outcome.metrics_file.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return outcome
+
+
+def _metrics_payload(outcome: EvalOutcome, trained: TrainedModel) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "checkpoint": str(trained.path),
+        "split": outcome.split,
+        "num_questions": outcome.num_questions,
+        "num_missing": len(outcome.missing_question_ids),
+        "seconds": round(outcome.seconds, 3),
+        "questions_per_second": round(outcome.questions_per_second, 2),
+        "results_file": outcome.results_file.name,
+    }
+    if outcome.report is None:
+        payload["scored"] = "on EvalAI (no public answers for this split)"
+        return payload
+    return {**payload, **outcome.report.official(), "counts": outcome.counts}
+
+
+def print_outcome(outcome: EvalOutcome, console: Console | None = None) -> None:
+    """A rich table: overall, per answer type, per question type (or the submission note)."""
+    console = console or Console()
+    speed = f"{outcome.num_questions} questions, {outcome.questions_per_second:.1f} questions/s"
+    if outcome.report is None:
+        console.print(
+            f"[bold]{outcome.split}[/] has no public answers: wrote the submission file "
+            f"{outcome.results_file} ({speed}). Upload it to the VQA challenge on EvalAI "
+            "(eval.ai), which scores it."
+        )
+        return
+    report = outcome.report.official()
+    table = Table(title=f"VQA accuracy on {outcome.split} ({speed})")
+    table.add_column("group", style="dim")
+    table.add_column("type")
+    table.add_column("questions", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_row(
+        "overall", "", str(outcome.num_questions), f"{report['overall']:.2f}", style="bold"
+    )
+    for group, key in (("answer type", "perAnswerType"), ("question type", "perQuestionType")):
+        table.add_section()
+        for name, value in sorted(report[key].items()):
+            table.add_row(group, name, str(outcome.counts[key][name]), f"{value:.2f}")
+    console.print(table)
+    console.print(f"results: {outcome.results_file}\nmetrics: {outcome.metrics_file}")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    apply_extras(cfg)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        logger=False,
+        enable_checkpointing=False,
+    )
+    outcome = evaluate_checkpoint(
+        cfg.ckpt_path,
+        trainer,
+        cfg.paths.output_dir,
+        data=cfg.get("data"),
+        split=cfg.get("split"),
+        method_name=cfg.method_name,
+        explicit=explicit_data_keys(),
+    )
+    if trainer.is_global_zero:
+        print_outcome(outcome)
+    return None if outcome.report is None else outcome.report.overall
+
+
+set_project_root()
+register_schemas()
+
+if __name__ == "__main__":
+    main()
