@@ -27,7 +27,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread per test process: pytest-xdist already runs one process per core, and a
+# second thread only waits for a busy core on a shared machine.
+torch.set_num_threads(1)
 register_schemas()
 
 # The smallest real composition: synthetic data with a few dozen images, ResNet-18 stages at

@@ -4,7 +4,6 @@ and the tokenizer it builds or loads."""
 from __future__ import annotations
 
 import itertools
-
 import time
 from collections import Counter
 from pathlib import Path

@@ -146,8 +146,8 @@ def reference_multihead(
     block: MultiheadCoAttention, visual: list[Tensor], text: Tensor, mask: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample, per-head loop with padding dropped (not masked), using the block's weights."""
-    cells_all, constraint = block.grid(visual[-1])
-    words_all = block.text_proj(text)
+    cells_all, constraint = block.inputs.grid(visual[-1])
+    words_all = block.inputs.text_proj(text)
     d, k = block.head_dim, block.top_k
     features, image_maps, question_maps = [], [], []
     for b in range(text.shape[0]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from vqa.data.collate import VQACollator
@@ -15,7 +17,7 @@ def test_sampler_keeps_questions_of_an_image_together_and_is_a_permutation() -> 
     assert sorted(order) == list(range(len(image_ids)))
     runs = [image_ids[i] for i in order]
     # each image appears as one contiguous run
-    changes = [a for a, b in zip(runs, runs[1:], strict=False) if a != b] + [runs[-1]]
+    changes = [a for a, b in itertools.pairwise(runs) if a != b] + [runs[-1]]
     assert len(changes) == len(set(image_ids))
 
 
@@ -27,7 +29,9 @@ def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
     assert list(a) != list(b)
     b.set_epoch(1)
     assert list(a) == list(b)
-    assert list(ImageGroupedSampler(image_ids, seed=2)) != list(ImageGroupedSampler(image_ids, seed=1))
+    assert list(ImageGroupedSampler(image_ids, seed=2)) != list(
+        ImageGroupedSampler(image_ids, seed=1)
+    )
 
 
 def sample(question_id: int, image_id: int) -> dict:

@@ -7,12 +7,15 @@ tests the best checkpoint and returns the optimised metric so Hydra sweepers can
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 from vqa.config_schema import register_schemas
@@ -45,6 +48,22 @@ def build_components(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightn
         data_artifacts=datamodule.artifacts(),
     )
     return datamodule, module
+
+
+def continue_checkpoints(ckpt_path: str, callbacks: list[pl.Callback]) -> None:
+    """A resumed run keeps writing its checkpoints beside the one it resumes from.
+
+    Hydra gives every launch a new output folder, but ModelCheckpoint restores its best-so-far
+    (score, top-k files, last) only when its folder is unchanged: in a new one the resumed run
+    would forget the best epoch before the interruption, and test a worse checkpoint.
+    """
+    if not Path(ckpt_path).is_file():  # "last", "hpc", a registry name: Lightning resolves it
+        return
+    run_checkpoints = os.path.realpath(Path(ckpt_path).parent)
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath != run_checkpoints:
+            log.info("Resuming: checkpoints continue in %s (not %s)", run_checkpoints, cb.dirpath)
+            cb.dirpath = run_checkpoints
 
 
 def has_test_annotations(datamodule: pl.LightningDataModule) -> bool:
@@ -104,6 +123,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     datamodule, module = build_components(cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    if cfg.get("train") and cfg.get("ckpt_path"):
+        continue_checkpoints(cfg.ckpt_path, callbacks)
     loggers = instantiate_loggers(cfg.get("logger"))
     status = "failed"
     try:

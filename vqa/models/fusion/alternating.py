@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
-    SpatialGrid,
+    GridAndWords,
     keep_top_k,
     masked_mean,
     masked_softmax,
@@ -65,10 +65,9 @@ class AlternatingCoAttention(FusionBlock):
         self.top_k = top_k
         self.residual = residual
         self.out_dim = hidden_dim
-        self.grid = SpatialGrid(
-            self.visual_channels[-1], hidden_dim, positional, spatial_constraint
+        self.inputs = GridAndWords(
+            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
         )
-        self.text_proj = nn.Linear(self.text_dim, hidden_dim)
         self.summary = GuidedAttention(hidden_dim, guided=False)
         self.image_steps = nn.ModuleList(GuidedAttention(hidden_dim) for _ in range(steps))
         self.question_steps = nn.ModuleList(GuidedAttention(hidden_dim) for _ in range(steps))
@@ -76,12 +75,9 @@ class AlternatingCoAttention(FusionBlock):
         self.out_proj = nn.Linear(3 * hidden_dim, hidden_dim)
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        feature_map = visual[-1]
-        height, width = feature_map.shape[-2:]
-        mask = text_mask.bool()
-        cells, constraint = self.grid(feature_map)  # [B, M, D], [1, M] | None
-        # Zeroing padding first keeps junk (even inf/nan) out of every product below.
-        words = self.text_proj(text.masked_fill(~mask.unsqueeze(-1), 0.0))  # [B, N, D]
+        x = self.inputs(visual, text, text_mask)
+        cells, words, mask, constraint = x.cells, x.words, x.mask, x.constraint  # [B,M|N,D]
+        height, width = x.height, x.width
         mean_cell = cells.mean(dim=1) if self.residual else None
         mean_word = masked_mean(words, mask) if self.residual else None
         # Clamped so a saturated sigmoid cannot turn a whole row into -inf.

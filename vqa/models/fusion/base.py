@@ -125,3 +125,44 @@ class SpatialGrid(nn.Module):
         if self.constraint is not None:
             weights = torch.sigmoid(self.constraint(boxes)).squeeze(-1).unsqueeze(0)
         return tokens, weights
+
+
+@dataclass
+class GridWords:
+    """What the single-stage blocks attend over: cells [B,M,D], words [B,N,D], their masks."""
+
+    cells: Tensor
+    words: Tensor
+    mask: Tensor
+    constraint: Tensor | None
+    height: int
+    width: int
+
+
+class GridAndWords(nn.Module):
+    """The common start of the single-stage blocks: the last visual stage as positioned grid
+    tokens and the words projected to the same width.
+
+    Padding is zeroed before the projection so junk in padded positions (even inf/nan) stays
+    out of every product and gradient downstream.
+    """
+
+    def __init__(
+        self,
+        visual_channels: list[int],
+        text_dim: int,
+        dim: int,
+        positional: bool = True,
+        spatial_constraint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.grid = SpatialGrid(visual_channels[-1], dim, positional, spatial_constraint)
+        self.text_proj = nn.Linear(text_dim, dim)
+
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> GridWords:
+        feature_map = visual[-1]
+        mask = text_mask.bool()
+        cells, constraint = self.grid(feature_map)
+        words = self.text_proj(text.masked_fill(~mask.unsqueeze(-1), 0.0))
+        height, width = feature_map.shape[-2:]
+        return GridWords(cells, words, mask, constraint, height, width)

@@ -10,9 +10,14 @@ the image attention map is exactly those pooling weights.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from vqa.models.fusion.base import FusionBlock, FusionOutput, SpatialGrid, masked_mean
+from vqa.models.fusion.base import (
+    FusionBlock,
+    FusionOutput,
+    GridAndWords,
+    masked_mean,
+)
 
 OPS = ("mul", "sum")
 
@@ -33,19 +38,15 @@ class EarlyFusion(FusionBlock):
         if op not in OPS:
             raise ValueError(f"op={op!r} must be one of {OPS}")
         self.op = op
-        self.grid = SpatialGrid(
-            self.visual_channels[-1], hidden_dim, positional, spatial_constraint
+        self.inputs = GridAndWords(
+            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
         )
-        self.text_proj = nn.Linear(self.text_dim, hidden_dim)
         self.out_dim = hidden_dim
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        feature_map = visual[-1]
-        height, width = feature_map.shape[-2:]
-        mask = text_mask.bool()
-        cells, constraint = self.grid(feature_map)  # [B, M, D], [1, M] | None
-        question = self.text_proj(masked_mean(text.masked_fill(~mask.unsqueeze(-1), 0.0), mask))
-        question = question.unsqueeze(1)  # broadcast over cells
+        x = self.inputs(visual, text, text_mask)
+        cells, mask, constraint, height, width = x.cells, x.mask, x.constraint, x.height, x.width
+        question = masked_mean(x.words, mask).unsqueeze(1)  # broadcast over cells
         joint = F.gelu(cells * question if self.op == "mul" else cells + question)  # [B, M, D]
 
         if constraint is None:

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
-    SpatialGrid,
+    GridAndWords,
     keep_top_k,
     masked_softmax,
 )
@@ -144,10 +144,9 @@ class HierarchicalCoAttention(FusionBlock):
         if mode not in coattention:
             raise ValueError(f"mode must be one of {sorted(coattention)}, got {mode!r}")
         self.out_dim = hidden_dim
-        self.grid = SpatialGrid(
-            self.visual_channels[-1], hidden_dim, positional, spatial_constraint
+        self.inputs = GridAndWords(
+            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
         )
-        self.word_proj = nn.Linear(self.text_dim, hidden_dim)
         self.ngrams = nn.ModuleList(nn.Conv1d(hidden_dim, hidden_dim, w) for w in NGRAM_WIDTHS)
         self.sentence_rnn = nn.LSTM(hidden_dim, hidden_dim, batch_first=True)
         self.coattention = nn.ModuleList(coattention[mode](hidden_dim, top_k) for _ in LEVELS)
@@ -187,12 +186,9 @@ class HierarchicalCoAttention(FusionBlock):
         return states.masked_fill(~mask.unsqueeze(-1), 0.0)
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        feature_map = visual[-1]
-        height, width = feature_map.shape[-2:]
-        mask = text_mask.bool()
-        cells, constraint = self.grid(feature_map)
-        # Junk in padding (even nan) must stay out of every product and gradient.
-        words = self.word_proj(text.masked_fill(~mask.unsqueeze(-1), 0.0))
+        x = self.inputs(visual, text, text_mask)
+        cells, words, mask, constraint = x.cells, x.words, x.mask, x.constraint  # [B,M|N,D]
+        height, width = x.height, x.width
         phrases = self._phrases(words, mask)
         levels = (words, phrases, self._sentence(phrases, mask))
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
-    SpatialGrid,
+    GridAndWords,
     keep_top_k,
     masked_mean,
     masked_softmax,
@@ -55,10 +55,9 @@ class MultiheadCoAttention(FusionBlock):
         self.top_k = top_k
         self.residual = residual
         self.out_dim = hidden_dim
-        self.grid = SpatialGrid(
-            self.visual_channels[-1], hidden_dim, positional, spatial_constraint
+        self.inputs = GridAndWords(
+            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
         )
-        self.text_proj = nn.Linear(self.text_dim, hidden_dim)
         # Affinity projections; the values are the (head-split) grid tokens and words themselves.
         self.query = nn.Linear(hidden_dim, hidden_dim)
         self.key = nn.Linear(hidden_dim, hidden_dim)
@@ -70,12 +69,9 @@ class MultiheadCoAttention(FusionBlock):
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        feature_map = visual[-1]
-        height, width = feature_map.shape[-2:]
-        mask = text_mask.bool()
-        cells, constraint = self.grid(feature_map)  # [B, M, D], [1, M] | None
-        # Zeroing padding first keeps junk (even inf/nan) out of every product below.
-        words = self.text_proj(text.masked_fill(~mask.unsqueeze(-1), 0.0))  # [B, N, D]
+        x = self.inputs(visual, text, text_mask)
+        cells, words, mask, constraint = x.cells, x.words, x.mask, x.constraint  # [B,M|N,D]
+        height, width = x.height, x.width
 
         affinity = self._heads(self.query(words)) @ self._heads(self.key(cells)).transpose(-1, -2)
         affinity = affinity / math.sqrt(self.head_dim)  # [B, h, N, M]

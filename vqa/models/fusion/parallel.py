@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
-    SpatialGrid,
+    GridAndWords,
     keep_top_k,
     masked_max,
     masked_mean,
@@ -61,10 +61,9 @@ class ParallelCoAttention(FusionBlock):
         self.top_k = top_k
         self.residual = residual
         self.out_dim = hidden_dim
-        self.grid = SpatialGrid(
-            self.visual_channels[-1], hidden_dim, positional, spatial_constraint
+        self.inputs = GridAndWords(
+            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
         )
-        self.text_proj = nn.Linear(self.text_dim, hidden_dim)
         self.affinity = nn.Linear(hidden_dim, hidden_dim, bias=False)  # W_b
         if form == "maxpool":
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(INITIAL_LOGIT_SCALE)))
@@ -77,12 +76,9 @@ class ParallelCoAttention(FusionBlock):
         self.out_proj = nn.Linear(3 * hidden_dim, hidden_dim)
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        feature_map = visual[-1]
-        height, width = feature_map.shape[-2:]
-        mask = text_mask.bool()
-        cells, constraint = self.grid(feature_map)  # [B, M, D], [1, M] | None
-        # Zeroing padding first keeps junk (even inf/nan) out of every product below.
-        words = self.text_proj(text.masked_fill(~mask.unsqueeze(-1), 0.0))  # [B, N, D]
+        x = self.inputs(visual, text, text_mask)
+        cells, words, mask, constraint = x.cells, x.words, x.mask, x.constraint  # [B,M|N,D]
+        height, width = x.height, x.width
 
         affinity = torch.tanh(
             self.affinity(words) @ cells.transpose(1, 2) / math.sqrt(cells.shape[-1])

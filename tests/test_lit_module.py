@@ -1,0 +1,354 @@
+"""`VQALitModule` on its own: modality dropout, losses, parameter groups, the LR schedule,
+the best-accuracy state and the random-number state a resumed run restores. No data set and
+no fit: a tiny network and hand-made batches."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import nn
+
+from tests.helpers import TINY_OVERRIDES, compose_config
+from vqa.lit_module import VQALitModule, capture_rng_states, restore_rng_states
+
+ANSWERS = ["yes", "no", "2", "3", "red", "circle"]
+QUESTION_TYPES = ["how many", "is there a", "what color is the"]
+VOCAB_SIZE = 40
+LR, WEIGHT_DECAY = 3e-4, 0.01
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine a second OpenMP thread spin-waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_module(tmp_path: Path) -> Callable[..., VQALitModule]:
+    """Builds the module exactly as `vqa.train` does, from the composed default config."""
+    cfg = compose_config(
+        "train",
+        [*TINY_OVERRIDES, "model.visual.stages=[layer3]", f"module.optimizer.lr={LR}"],
+        tmp_path,
+    )
+
+    def make(**module_kwargs: Any) -> VQALitModule:
+        torch.manual_seed(0)
+        net = instantiate(cfg.model, num_answers=len(ANSWERS), vocab_size=VOCAB_SIZE)
+        return instantiate(cfg.module, **module_kwargs)(
+            net=net, answer_vocab=ANSWERS, question_types=QUESTION_TYPES
+        )
+
+    return make
+
+
+def make_batch(batch_size: int = 6, length: int = 7, image_size: int = 32) -> dict[str, Any]:
+    """A collated batch as `VQACollator` makes it (one image per question)."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, length + 1, (batch_size,), generator=g)
+    targets = torch.zeros(batch_size, len(ANSWERS))
+    targets[torch.arange(batch_size), torch.arange(batch_size) % len(ANSWERS)] = 1.0
+    targets[0, 1] = 0.3  # soft scores: a minority of annotators said "no"
+    return {
+        "images": torch.randn(batch_size, 3, image_size, image_size, generator=g),
+        "input_ids": torch.randint(5, VOCAB_SIZE, (batch_size, length), generator=g),
+        "attention_mask": (torch.arange(length) < lengths[:, None]).long(),
+        "question_id": torch.arange(batch_size),
+        "question_type": [QUESTION_TYPES[i % 3] for i in range(batch_size)],
+        "answer_type": [("number", "yes/no", "other")[i % 3] for i in range(batch_size)],
+        "answers": [[ANSWERS[i % len(ANSWERS)]] * 10 for i in range(batch_size)],
+        "targets": targets,
+    }
+
+
+def attach_stub_trainer(module: VQALitModule, **attributes: Any) -> None:
+    """What the module reads from its Trainer in the hooks under test, and nothing else."""
+    module.trainer = SimpleNamespace(**attributes)  # type: ignore[assignment]
+
+
+# ----------------------------------------------------------------------------- modality dropout
+
+
+def test_modality_dropout_rates_are_exact_and_never_both(make_module) -> None:
+    module = make_module(image_dropout=0.3, question_dropout=0.2)
+    torch.manual_seed(0)
+    drop = module.sample_modality_dropout(200_000)
+    assert not (drop["drop_image"] & drop["drop_question"]).any()
+    # binomial standard deviation ~0.001: 5 sigma
+    assert drop["drop_image"].float().mean().item() == pytest.approx(0.3, abs=0.005)
+    assert drop["drop_question"].float().mean().item() == pytest.approx(0.2, abs=0.005)
+
+    everything = make_module(image_dropout=1.0, question_dropout=0.0)
+    drop = everything.sample_modality_dropout(1000)
+    assert drop["drop_image"].all() and not drop["drop_question"].any()
+    nothing = make_module(image_dropout=0.0, question_dropout=0.0)
+    drop = nothing.sample_modality_dropout(1000)
+    assert not drop["drop_image"].any() and not drop["drop_question"].any()
+
+
+@pytest.mark.parametrize(
+    ("image", "question", "message"),
+    [
+        (1.5, 0.0, r"module\.image_dropout must be a probability"),
+        (0.0, -0.1, r"module\.question_dropout must be a probability"),
+        (0.6, 0.5, r"image_dropout \+ module\.question_dropout must be <= 1"),
+    ],
+)
+def test_bad_dropout_probabilities_are_rejected(
+    make_module, image: float, question: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_module(image_dropout=image, question_dropout=question)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_modality_dropout_only_in_training_steps(make_module) -> None:
+    module = make_module(image_dropout=0.5, question_dropout=0.5)
+    seen: list[dict[str, Any]] = []
+    module.net.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True
+    )
+    batch = make_batch()
+    module.train()
+    module.training_step(batch, 0)
+    module.eval()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        module.test_step(batch, 0)
+        module.predict_step(batch, 0)
+    train_kwargs, *eval_kwargs = seen
+    assert train_kwargs["drop_image"].shape == (6,)
+    assert (train_kwargs["drop_image"] | train_kwargs["drop_question"]).any()
+    for kwargs in eval_kwargs:
+        assert "drop_image" not in kwargs and "drop_question" not in kwargs
+
+
+def test_dropped_modality_becomes_the_learned_null_per_sample(make_module) -> None:
+    module = make_module()
+    module.eval()  # no nn.Dropout noise: compare forwards exactly
+    batch = make_batch()
+    scrambled = dict(
+        batch,
+        images=torch.randn_like(batch["images"]),
+        input_ids=torch.randint(5, VOCAB_SIZE, batch["input_ids"].shape),
+    )
+    drop_image = torch.tensor([True, True, False, False, False, False])
+    drop_question = torch.tensor([False, False, True, True, False, False])
+    plain = module(batch).logits
+    dropped = module(batch, drop_image=drop_image, drop_question=drop_question).logits
+    dropped_scrambled = module(scrambled, drop_image=drop_image, drop_question=drop_question).logits
+    # untouched samples are untouched (per-sample masks, no leak across the batch)
+    torch.testing.assert_close(dropped[4:], plain[4:], rtol=0, atol=1e-6)
+    assert not torch.allclose(dropped[:4], plain[:4])
+    # a dropped image ignores the pixels; a dropped question ignores the tokens
+    torch.testing.assert_close(
+        module(dict(batch, images=scrambled["images"]), drop_image=drop_image).logits[:2],
+        module(batch, drop_image=drop_image).logits[:2],
+        rtol=0,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        module(dict(batch, input_ids=scrambled["input_ids"]), drop_question=drop_question).logits[
+            2:4
+        ],
+        module(batch, drop_question=drop_question).logits[2:4],
+        rtol=0,
+        atol=1e-6,
+    )
+    assert not torch.allclose(dropped_scrambled[4:], dropped[4:])  # the control does change
+
+    # the nulls are learned: they receive gradient, the dropped encoders none
+    module.train()
+    all_images = torch.ones(6, dtype=torch.bool)
+    module.compute_loss(module(batch, drop_image=all_images).logits, batch["targets"]).backward()
+    assert module.net.null_image.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in module.net.visual.parameters())
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_bce_is_summed_over_answers_and_averaged_over_questions(make_module) -> None:
+    module = make_module(loss="bce")
+    logits = torch.randn(4, len(ANSWERS))
+    targets = torch.rand(4, len(ANSWERS))
+    p = torch.sigmoid(logits)
+    expected = -(targets * p.log() + (1 - targets) * (1 - p).log()).sum() / 4
+    torch.testing.assert_close(module.compute_loss(logits, targets), expected)
+
+
+def test_ce_uses_the_top_answer_and_skips_questions_without_one(make_module) -> None:
+    module = make_module(loss="ce")
+    logits = torch.randn(3, len(ANSWERS), requires_grad=True)
+    targets = torch.zeros(3, len(ANSWERS))
+    targets[0, 2], targets[0, 3] = 1.0, 0.3
+    targets[2, 5] = 0.6  # row 1: its most common answer is outside the vocabulary
+    loss = module.compute_loss(logits, targets)
+    expected = F.cross_entropy(logits[[0, 2]], torch.tensor([2, 5]))
+    torch.testing.assert_close(loss, expected)
+
+    nothing = module.compute_loss(logits, torch.zeros(3, len(ANSWERS)))
+    assert nothing.item() == 0.0  # not NaN, which would poison the weights
+    nothing.backward()
+    assert not logits.grad.any()
+
+
+def test_loss_is_computed_in_float32_under_bf16(make_module) -> None:
+    module = make_module(loss="bce")
+    logits = torch.randn(4, len(ANSWERS)).bfloat16()
+    targets = torch.rand(4, len(ANSWERS))
+    loss = module.compute_loss(logits, targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, module.compute_loss(logits.float(), targets))
+
+
+def test_unknown_loss_is_rejected(make_module) -> None:
+    with pytest.raises(ValueError, match=r"module\.loss must be one of \('bce', 'ce'\), got 'l2'"):
+        make_module(loss="l2")
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def is_no_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
+    norms = (nn.LayerNorm, nn.BatchNorm2d, nn.Embedding)
+    return isinstance(module, norms) or name == "bias" or param.ndim <= 1
+
+
+def test_parameter_groups_split_encoders_and_skip_decay_on_norms_biases_embeddings(
+    make_module,
+) -> None:
+    module = make_module(encoder_lr_multiplier=0.1)
+    for p in module.net.visual.body.layer1.parameters():  # a frozen stage stays out
+        p.requires_grad_(False)
+    attach_stub_trainer(module, estimated_stepping_batches=100)
+    config = module.configure_optimizers()
+    groups = {g["name"]: g for g in config["optimizer"].param_groups}
+    assert set(groups) == {"encoder", "encoder_no_decay", "fusion_head", "fusion_head_no_decay"}
+
+    where = {id(p): name for name, g in groups.items() for p in g["params"]}
+    grouped = [p for g in groups.values() for p in g["params"]]
+    trainable = [p for p in module.net.parameters() if p.requires_grad]
+    assert len(grouped) == len(where) == len(trainable)  # each trainable parameter exactly once
+    assert all(id(p) in where for p in trainable)
+
+    encoder_ids = {id(p) for m in (module.net.visual, module.net.text) for p in m.parameters()}
+    for owner in module.net.modules():
+        for name, p in owner.named_parameters(recurse=False):
+            if not p.requires_grad:
+                assert id(p) not in where
+                continue
+            expected = ("encoder" if id(p) in encoder_ids else "fusion_head") + (
+                "_no_decay" if is_no_decay(owner, name, p) else ""
+            )
+            assert where[id(p)] == expected, (owner, name)
+    # the learned nulls and the embeddings are among the undecayed
+    assert where[id(module.net.null_image)] == "fusion_head_no_decay"
+    word_embeddings = next(m for m in module.net.text.modules() if isinstance(m, nn.Embedding))
+    assert where[id(word_embeddings.weight)] == "encoder_no_decay"
+
+    # LR and weight decay as configured: warm-up starts at 0, peaks are recorded per group
+    for name, g in groups.items():
+        peak = LR * (0.1 if name.startswith("encoder") else 1.0)
+        assert g["initial_lr"] == pytest.approx(peak)
+        assert g["weight_decay"] == (0.0 if name.endswith("no_decay") else WEIGHT_DECAY)
+        assert g["lr"] == 0.0
+    assert config["lr_scheduler"]["interval"] == "step"
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor(make_module) -> None:
+    module = make_module(warmup_fraction=0.1, min_lr_ratio=0.05, encoder_lr_multiplier=0.5)
+    attach_stub_trainer(module, estimated_stepping_batches=100)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(100):
+        lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    head = [step["fusion_head"] for step in lrs]
+    assert head[:11] == pytest.approx([LR * s / 10 for s in range(11)])  # linear over 10 steps
+    assert head[10] == pytest.approx(LR)
+    assert head[55] == pytest.approx(LR * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    assert all(a >= b for a, b in itertools.pairwise(head[10:]))  # monotone after warm-up
+    floor = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert floor["fusion_head"] == pytest.approx(LR * 0.05)
+    assert floor["encoder"] == pytest.approx(LR * 0.5 * 0.05)
+    assert all(step["encoder"] == pytest.approx(0.5 * step["fusion_head"]) for step in lrs)
+
+
+def test_schedule_needs_a_finite_run(make_module) -> None:
+    module = make_module()
+    attach_stub_trainer(module, estimated_stepping_batches=float("inf"))
+    with pytest.raises(ValueError, match=r"trainer\.max_epochs or trainer\.max_steps"):
+        module.configure_optimizers()
+
+
+# ----------------------------------------------------------------------------- resume state
+
+
+def test_best_val_accuracy_is_part_of_the_state_dict(make_module) -> None:
+    module = make_module()
+    module.val_acc_best.update(torch.tensor(0.42))
+    state = module.state_dict()
+    assert state["val_acc_best.max_value"].item() == pytest.approx(0.42)
+    fresh = make_module()
+    fresh.load_state_dict(state)
+    assert fresh.val_acc_best.max_value.item() == pytest.approx(0.42)
+    fresh.val_acc_best.update(torch.tensor(0.3))  # a worse epoch after resuming
+    assert fresh.val_acc_best.compute().item() == pytest.approx(0.42)
+
+
+def draw_from_every_generator() -> tuple[Any, ...]:
+    return torch.rand(3), np.random.rand(3), np.random.randn(), random.random()
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    torch.save({"rng_states": capture_rng_states(torch.device("cpu"))}, tmp_path / "x.ckpt")
+    expected = draw_from_every_generator()
+    draw_from_every_generator()  # move every generator on
+
+    loaded = torch.load(tmp_path / "x.ckpt", weights_only=True)
+    restore_rng_states(loaded["rng_states"], torch.device("cpu"))
+    got = draw_from_every_generator()
+    assert torch.equal(got[0], expected[0])
+    assert np.array_equal(got[1], expected[1])
+    assert got[2:] == expected[2:]  # incl. numpy's cached second gaussian
+
+
+def test_rng_state_is_restored_only_when_resuming_a_fit(make_module) -> None:
+    module = make_module()
+    torch.manual_seed(3)
+    checkpoint: dict[str, Any] = {}
+    module.on_save_checkpoint(checkpoint)
+    expected = torch.rand(4)
+
+    # loading to evaluate (no trainer) or to test must leave the caller's RNG alone
+    torch.manual_seed(5)
+    module.on_load_checkpoint(checkpoint)
+    attach_stub_trainer(module, state=SimpleNamespace(fn=TrainerFn.TESTING))
+    module.on_load_checkpoint(checkpoint)
+    assert not torch.equal(torch.rand(4), expected)
+
+    attach_stub_trainer(module, state=SimpleNamespace(fn=TrainerFn.FITTING))
+    module.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.rand(4), expected)
