@@ -140,7 +140,10 @@ def _targets(node: Any) -> Iterator[Any]:
 
 
 def build_model(
-    model_config: Mapping[str, Any], num_answers: int, vocab_size: int | None
+    model_config: Mapping[str, Any],
+    num_answers: int,
+    vocab_size: int | None,
+    where: str = "model config",
 ) -> VQAModel:
     """Instantiate the architecture of ``model_config`` with random weights.
 
@@ -148,7 +151,7 @@ def build_model(
     replace them anyway, so downloading them would only cost time and need a network. A hub
     BERT's *config* is still read (from the local cache first) to know its architecture.
     """
-    check_targets(model_config, MODEL_TARGET_PREFIX, "model config")
+    check_targets(model_config, MODEL_TARGET_PREFIX, where)
     cfg = OmegaConf.create(copy.deepcopy(dict(model_config)))
     cfg.visual.weights = None
     if "pretrained" in cfg.text:
@@ -158,7 +161,7 @@ def build_model(
         warnings.filterwarnings("ignore", message="bn='frozen' with random weights")
         model = instantiate(cfg, num_answers=num_answers, vocab_size=vocab_size)
     if not isinstance(model, VQAModel):
-        raise CheckpointError(f"model config builds a {type(model).__name__}, not a VQAModel")
+        raise CheckpointError(f"{where} builds a {type(model).__name__}, not a VQAModel")
     return model
 
 
@@ -211,7 +214,7 @@ def _head_outputs(state: Mapping[str, Tensor]) -> int | None:
     return int(matrices[-1].shape[0]) if matrices else None
 
 
-def _text_vocab_rows(state: Mapping[str, Tensor]) -> int | None:
+def text_vocab_size(state: Mapping[str, Tensor]) -> int | None:
     """Rows of the trained word embedding: a hub model may have more than its tokenizer."""
     rows = [
         int(v.shape[0])
@@ -237,7 +240,6 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
             f"{path}: hyper_parameters lack {missing}; it was not written by this framework's "
             "VQALitModule (or by an older version that did not store them)"
         )
-    run_config = hparams["run_config"]
     try:
         vocab, tokenizer = artifacts_from_dict(hparams["data_artifacts"])
     except (KeyError, TypeError, ValueError, OSError) as err:
@@ -249,18 +251,18 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
             f"{path}: answer_vocab ({len(hparams['answer_vocab'])} answers) and data_artifacts "
             f"({len(vocab)} answers) disagree; the checkpoint was edited or mixed from two runs"
         )
+    run_config = hparams["run_config"]
     state = {k[len(NET_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(NET_PREFIX)}
     if not state:
         raise CheckpointError(f"{path}: state_dict has no '{NET_PREFIX}*' weights")
-    try:
-        model_config = run_config["model"]
-        check_targets(run_config.get("data"), DATA_TARGET_PREFIX, f"{path}: data config")
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: run_config has no usable 'model' section: {err}") from err
+    if not isinstance(run_config, dict) or not isinstance(run_config.get("model"), dict):
+        raise CheckpointError(f"{path}: run_config has no 'model' section to rebuild from")
+    check_targets(run_config.get("data"), DATA_TARGET_PREFIX, f"{path}: data config")
     model = build_model(
-        model_config,
+        run_config["model"],
         num_answers=len(vocab),
-        vocab_size=_text_vocab_rows(state) or len(tokenizer),
+        vocab_size=text_vocab_size(state) or len(tokenizer),
+        where=f"{path}: model config",
     )
     load_weights(model, state, str(path))
     model.eval()

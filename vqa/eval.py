@@ -57,14 +57,22 @@ class SplitPredictor(pl.LightningModule):
         self.net = net
         self._question_ids: list[Tensor] = []
         self._answer_ids: list[Tensor] = []
+        self._start = 0.0
         self.predictions: dict[int, int] = {}
+        self.seconds = 0.0  # the prediction loop, data loading included (not process launch)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def on_predict_start(self) -> None:
+        self._start = time.perf_counter()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
+        answer_ids = self.net(**inputs).logits.argmax(dim=1)
         self._question_ids.append(batch["question_id"])
-        self._answer_ids.append(self.net(**inputs).logits.argmax(dim=1))
+        self._answer_ids.append(answer_ids)
+        return answer_ids  # kept by the caller only with return_predictions=True
 
     def on_predict_epoch_end(self) -> None:
+        self.seconds = time.perf_counter() - self._start
         ids, answers = self._gather(torch.cat(self._question_ids), torch.cat(self._answer_ids))
         # DistributedSampler pads with repeated questions: the dict keeps each one once.
         self.predictions = dict(zip(ids.tolist(), answers.tolist(), strict=True))
@@ -128,9 +136,10 @@ def resolve_data_config(
     overlay = OmegaConf.create(data) if isinstance(data, dict) else data.copy()
     swap_source = "_target_" in overlay
     if swap_source:
-        for key in PREPROCESSING_KEYS:
-            if key not in explicit:
-                overlay[key] = trained_cfg[key]
+        kept = {k: trained_cfg[k] for k in PREPROCESSING_KEYS if k not in explicit}
+        for key, value in kept.items():
+            overlay[key] = value
+        log.info("data source swapped to %s; keeping the checkpoint's %s", data.get("source"), kept)
         # The tokenizer object comes from the checkpoint; the group's tokenizer_name may
         # interpolate a model config that evaluation does not have.
         overlay.tokenizer_name = trained_cfg.get("tokenizer_name")
@@ -160,7 +169,7 @@ def results_file_name(split: str, method_name: str) -> str:
 def run_split(
     trained: TrainedModel, datamodule: VQADataModule, trainer: pl.Trainer
 ) -> tuple[dict[int, str], float]:
-    """Answer strings by question id, and the seconds the pass took (loading included)."""
+    """Answer strings by question id, and the seconds the prediction loop took."""
     if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
         # Spawned workers' predictions never reach this process.
         raise ValueError(
@@ -168,16 +177,16 @@ def run_split(
             "(not ddp_spawn / ddp_fork) or a single device"
         )
     predictor = SplitPredictor(trained.model)
-    start = time.perf_counter()
     trainer.predict(predictor, datamodule=datamodule, return_predictions=False)
-    seconds = time.perf_counter() - start
     vocab = trained.answer_vocab
-    return {qid: vocab.decode(a) for qid, a in predictor.predictions.items()}, seconds
+    answers = {qid: vocab.decode(a) for qid, a in predictor.predictions.items()}
+    return answers, predictor.seconds
 
 
-def score(table_columns: dict[str, list[Any]], predictions: dict[int, str]) -> EvalReport:
-    """The official evaluator on in-memory annotations built from the loaded split table, so
-    every source (files, hub) is scored by the same code that scores a results file."""
+def score(table_columns: dict[str, list[Any]], results: list[dict[str, Any]]) -> EvalReport:
+    """The official evaluator on ``results`` against annotations built from the loaded split
+    table, so every source (files, hub) is scored by the code that scores a results file."""
+    answered = {r["question_id"] for r in results}
     annotations = [
         {
             "question_id": qid,
@@ -192,11 +201,7 @@ def score(table_columns: dict[str, list[Any]], predictions: dict[int, str]) -> E
             table_columns["answers"],
             strict=True,
         )
-        if qid in predictions
-    ]
-    results = [
-        {"question_id": a["question_id"], "answer": predictions[a["question_id"]]}
-        for a in annotations
+        if qid in answered  # skipped records are reported, not scored as wrong
     ]
     questions = {"questions": [{"question_id": a["question_id"]} for a in annotations]}
     return evaluate_results({"annotations": annotations}, questions, results)
@@ -248,7 +253,7 @@ def evaluate_checkpoint(
     ]
     outcome.results_file.write_text(json.dumps(results), encoding="utf-8")
     if table.annotated:
-        outcome.report = score(columns, predictions)
+        outcome.report = score(columns, results)
         scored = [qid in predictions for qid in order]
         outcome.counts = {
             key: Counter(t for t, keep in zip(columns[name], scored, strict=True) if keep)
@@ -308,6 +313,7 @@ def print_outcome(outcome: EvalOutcome, console: Console | None = None) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
+    ckpt_path = cfg.ckpt_path  # a missing ckpt_path fails here, before anything is built
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -318,7 +324,7 @@ def main(cfg: DictConfig) -> float | None:
         enable_checkpointing=False,
     )
     outcome = evaluate_checkpoint(
-        cfg.ckpt_path,
+        ckpt_path,
         trainer,
         cfg.paths.output_dir,
         data=cfg.get("data"),

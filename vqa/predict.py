@@ -9,7 +9,6 @@ question length), so an answer here is the answer evaluation would score.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ from vqa.data.images import build_transform, load_rgb, to_rgb
 from vqa.utils import apply_extras, set_project_root
 from vqa.utils.project import CONFIG_DIR
 
-log = logging.getLogger(__name__)
-
 ImageInput = Image.Image | str | Path
+# Width of one character of the 9 pt monospace token labels, box padding included.
+TOKEN_CHAR_INCHES = 0.085
 
 
 @dataclass
@@ -133,11 +132,14 @@ def plot_attention(image: ImageInput, prediction: Prediction) -> Figure:
     question-attention map. A plain ``Figure`` (Agg canvas), so no GUI backend is needed."""
     picture = np.asarray(_rgb(image))
     height, width = picture.shape[:2]
-    image_keys = sorted(k for k in prediction.attention if k.startswith("image"))
-    question_keys = sorted(k for k in prediction.attention if k.startswith("question"))
+    # the fusion block's order (e.g. word, phrase, sentence), not alphabetical
+    image_keys = [k for k in prediction.attention if k.startswith("image")]
+    question_keys = [k for k in prediction.attention if k.startswith("question")]
     columns = max(1, len(image_keys))
+    token_row_inches = TOKEN_CHAR_INCHES * sum(len(t) + 2 for t in prediction.tokens) + 0.5
     fig = Figure(
-        figsize=(3.2 * columns + 0.6, 3.6 + 0.55 * len(question_keys)), layout="constrained"
+        figsize=(max(3.2 * columns + 0.6, token_row_inches), 3.6 + 0.55 * len(question_keys)),
+        layout="constrained",
     )
     grid = fig.add_gridspec(
         1 + len(question_keys), columns, height_ratios=[6] + [1] * len(question_keys)
@@ -147,7 +149,7 @@ def plot_attention(image: ImageInput, prediction: Prediction) -> Figure:
 
     for col, key in enumerate(image_keys or [None]):
         ax = fig.add_subplot(grid[0, col])
-        ax.imshow(picture)
+        ax.imshow(picture, extent=(0, width, height, 0))
         if key is not None:
             weights = prediction.attention[key].numpy()
             # Each grid cell covers its share of the whole image: the model resizes, never crops.
@@ -157,24 +159,38 @@ def plot_attention(image: ImageInput, prediction: Prediction) -> Figure:
                 alpha=0.55,
                 extent=(0, width, height, 0),
                 interpolation="bilinear",
-                vmin=0.0,
-                vmax=float(weights.max()) or 1.0,
+                norm=_contrast(weights),
             )
-            fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
-            ax.set_title(f"{key} ({weights.shape[0]}x{weights.shape[1]} grid)", fontsize=9)
+            # An inset colorbar keeps the image centred (a layout-managed one pushes it aside).
+            fig.colorbar(heat, cax=ax.inset_axes((1.04, 0.0, 0.05, 1.0)))
+            ax.set_title(
+                f"{key}: {weights.shape[0]}x{weights.shape[1]} grid, {_peak(weights)}", fontsize=9
+            )
         ax.set_axis_off()
 
     for row, key in enumerate(question_keys, start=1):
-        _shade_tokens(fig.add_subplot(grid[row, :]), prediction.tokens, prediction.attention[key])
-        fig.axes[-1].set_title(key, fontsize=9, loc="left")
+        ax = fig.add_subplot(grid[row, :])
+        _shade_tokens(ax, prediction.tokens, prediction.attention[key])
+        ax.set_title(f"{key}: {_peak(prediction.attention[key].numpy())}", fontsize=9, loc="left")
     return fig
+
+
+def _contrast(weights: np.ndarray) -> Normalize:
+    """Colours span the map's own range: a weakly peaked map still shows where it peaks (the
+    colorbar and :func:`_peak` give the absolute scale)."""
+    return Normalize(vmin=float(weights.min()), vmax=float(weights.max()))
+
+
+def _peak(weights: np.ndarray) -> str:
+    """How peaked a distribution is: its largest weight relative to a uniform one's."""
+    return f"peak {float(weights.max()) * weights.size:.1f}x uniform"
 
 
 def _shade_tokens(ax: Axes, tokens: Sequence[str], weights: Tensor) -> None:
     """Tokens in a row, each on a box shaded by its weight. A monospace font makes a token's
     width proportional to its length, so the boxes can be laid out without measuring text."""
     values = weights.numpy()
-    shade = Normalize(vmin=0.0, vmax=float(values.max()) or 1.0)
+    shade = _contrast(values)
     cmap = colormaps["Reds"]
     widths = [len(t) + 2 for t in tokens]  # characters plus the gap between boxes
     starts = np.cumsum([0, *widths[:-1]])

@@ -1,0 +1,137 @@
+"""Export (`python -m vqa.export`): ONNX parity with onnxruntime on new batch sizes and question
+lengths, the safetensors round trip, and the files a consumer needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun, tiny_run
+from vqa import export as vqa_export
+from vqa.checkpoint import TrainedModel, load_checkpoint
+from vqa.export import (
+    CONFIG_FILE,
+    ONNX_FILE,
+    ExportError,
+    check_onnx,
+    export_checkpoint,
+    load_safetensors_export,
+)
+from vqa.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained(run: TinyRun) -> TrainedModel:
+    return load_checkpoint(run.ckpt)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(run: TinyRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python -m vqa.export ckpt_path=... format=onnx`, through Hydra in process."""
+    out = tmp_path_factory.mktemp("onnx")
+    argv = ["vqa.export", f"ckpt_path={run.ckpt}", "format=onnx", f"output_dir={out}"]
+    argv.append(f"hydra.run.dir={out / 'hydra'}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", argv)
+        GlobalHydra.instance().clear()
+        vqa_export.main()
+        GlobalHydra.instance().clear()
+    return out
+
+
+def real_inputs(run: TinyRun, trained: TrainedModel, count: int) -> dict[str, torch.Tensor]:
+    """Preprocessed val questions, as a serving client would send them."""
+    questions = run.questions("val2014")[:count]
+    return Predictor(trained).encode(
+        [run.image("val2014", q["image_id"]) for q in questions], [q["question"] for q in questions]
+    )
+
+
+def test_onnx_matches_pytorch_on_other_batch_and_sequence_sizes(
+    run: TinyRun, trained: TrainedModel, onnx_dir: Path
+) -> None:
+    session = onnxruntime.InferenceSession(
+        str(onnx_dir / ONNX_FILE), providers=["CPUExecutionProvider"]
+    )
+    assert [i.name for i in session.get_inputs()] == ["images", "input_ids", "attention_mask"]
+    # traced with batch 2 at the full question length: vary both
+    for count, pad_to in ((5, None), (1, None), (3, trained.max_question_length)):
+        inputs = real_inputs(run, trained, count)
+        if pad_to is not None:
+            extra = pad_to - inputs["input_ids"].shape[1]
+            inputs["input_ids"] = torch.nn.functional.pad(
+                inputs["input_ids"], (0, extra), value=trained.tokenizer.pad_token_id
+            )
+            inputs["attention_mask"] = torch.nn.functional.pad(inputs["attention_mask"], (0, extra))
+        with torch.inference_mode():
+            expected = trained.model(**inputs).logits.numpy()
+        (got,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        assert got.shape == (count, len(trained.answer_vocab))
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_graph_declares_dynamic_batch_and_sequence(onnx_dir: Path) -> None:
+    graph = onnx.load(str(onnx_dir / ONNX_FILE)).graph
+    dims = {
+        value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        for value in [*graph.input, *graph.output]
+    }
+    assert dims["images"] == ["batch", 3, IMAGE_SIZE, IMAGE_SIZE]
+    assert dims["input_ids"] == ["batch", "sequence"]
+    assert dims["attention_mask"] == ["batch", "sequence"]
+    assert dims["logits"][0] == "batch"
+
+
+def test_onnx_export_ships_what_a_consumer_needs(trained: TrainedModel, onnx_dir: Path) -> None:
+    config = json.loads((onnx_dir / CONFIG_FILE).read_text())
+    assert config["model_file"] == ONNX_FILE
+    assert config["scores"] == "sigmoid"
+    assert config["max_question_length"] == trained.max_question_length
+    assert config["inputs"]["images"]["shape"] == ["batch", 3, IMAGE_SIZE, IMAGE_SIZE]
+    answers = json.loads((onnx_dir / "answer_vocab.json").read_text())["answers"]
+    assert answers == trained.answer_vocab.answers
+    assert (onnx_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_check_onnx_catches_a_model_that_differs(trained: TrainedModel, onnx_dir: Path) -> None:
+    """The export's own parity check fails when PyTorch and the graph disagree."""
+    assert check_onnx(trained, onnx_dir / ONNX_FILE) <= 1e-4
+    other = load_checkpoint(trained.path)
+    with torch.no_grad():
+        list(other.model.head.parameters())[-1].add_(1e-2)  # the answer logits' bias
+    with pytest.raises(ExportError, match="differ by"):
+        check_onnx(dataclasses.replace(trained, model=other.model), onnx_dir / ONNX_FILE)
+
+
+def test_safetensors_round_trip(run: TinyRun, trained: TrainedModel, tmp_path: Path) -> None:
+    summary = export_checkpoint(run.ckpt, tmp_path, "safetensors")
+    assert Path(summary["model_file"]).suffix == ".safetensors"
+    loaded = load_safetensors_export(tmp_path)
+    assert loaded.answer_vocab == trained.answer_vocab
+    assert loaded.loss == trained.loss and loaded.image_size == trained.image_size
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[name]), name
+    inputs = real_inputs(run, trained, 3)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            loaded.model(**inputs).logits, trained.model(**inputs).logits, atol=0, rtol=0
+        )
+
+
+def test_unknown_format(run: TinyRun, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_checkpoint(run.ckpt, tmp_path, "torchscript")

@@ -1,0 +1,161 @@
+"""Single-question prediction (`python -m vqa.predict`) and the attention figure."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from tests.tiny_checkpoint import GRID, TinyRun, tiny_run
+from vqa import predict as vqa_predict
+from vqa.checkpoint import load_checkpoint
+from vqa.eval import build_datamodule
+from vqa.predict import Predictor, plot_attention
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def predictor(run: TinyRun) -> Predictor:
+    return Predictor.from_checkpoint(run.ckpt)
+
+
+def test_top5_answers_with_scores(run: TinyRun, predictor: Predictor) -> None:
+    question = run.questions("val2014")[0]
+    image = run.image("val2014", question["image_id"])
+    prediction = predictor.predict(image, question["question"])
+
+    assert len(prediction.answers) == 5
+    answers, scores = zip(*prediction.answers, strict=True)
+    assert len(set(answers)) == 5
+    assert set(answers) <= set(predictor.trained.answer_vocab.answers)
+    assert list(scores) == sorted(scores, reverse=True)
+    assert all(0.0 < s < 1.0 for s in scores)
+    # the scores are the sigmoids of the logits a plain forward pass gives
+    inputs = predictor.encode([image], [question["question"]])
+    with torch.inference_mode():
+        logits = predictor.model(**inputs).logits[0]
+    best = logits.topk(5)
+    vocab = predictor.trained.answer_vocab
+    assert list(answers) == [vocab.decode(i) for i in best.indices.tolist()]
+    assert scores == pytest.approx(best.values.sigmoid().tolist(), abs=1e-6)
+
+
+def test_same_logits_as_the_evaluation_pipeline(run: TinyRun, predictor: Predictor) -> None:
+    """Raw files through the predictor == the datamodule's batches (resize, normalisation,
+    tokenisation and padding), so a prediction here is what evaluation scores."""
+    trained = predictor.trained
+    datamodule = build_datamodule(
+        trained, {**trained.data_config, "num_workers": 0, "eval_batch_size": 6}, "val2014"
+    )
+    batch = next(iter(datamodule.predict_dataloader()))
+    with torch.inference_mode():
+        expected = trained.model(
+            images=batch["images"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            image_index=batch.get("image_index"),
+        ).logits
+        ids = batch["image_id"].tolist()
+        inputs = predictor.encode([run.image("val2014", i) for i in ids], batch["question"])
+        got = predictor.model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_of_mixed_lengths_equals_one_by_one(run: TinyRun, predictor: Predictor) -> None:
+    questions = run.questions("val2014")[:4]
+    images = [run.image("val2014", q["image_id"]) for q in questions]
+    texts = [q["question"] for q in questions]
+    assert len({len(t.split()) for t in texts}) > 1  # padding is really exercised
+    batched = predictor.predict_batch(images, texts)
+    for image, text, together in zip(images, texts, batched, strict=True):
+        alone = predictor.predict(image, text)
+        assert [a for a, _ in alone.answers] == [a for a, _ in together.answers]
+        assert [s for _, s in alone.answers] == pytest.approx(
+            [s for _, s in together.answers], abs=1e-5
+        )
+        assert alone.tokens == together.tokens
+        for key, value in alone.attention.items():
+            torch.testing.assert_close(value, together.attention[key], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_maps_are_distributions(run: TinyRun, predictor: Predictor) -> None:
+    question = run.questions("val2014")[1]
+    image = Image.open(run.image("val2014", question["image_id"]))  # a PIL image works too
+    prediction = predictor.predict(image, question["question"])
+    assert prediction.tokens[0] == "[CLS]" and prediction.tokens[-1] == "[SEP]"
+    assert prediction.attention["image"].shape == GRID
+    assert prediction.attention["question"].shape == (len(prediction.tokens),)
+    for value in prediction.attention.values():
+        assert value.min() >= 0
+        assert float(value.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cross_entropy_models_get_a_softmax(run: TinyRun) -> None:
+    trained = load_checkpoint(run.ckpt)
+    ce = Predictor(dataclasses.replace(trained, hparams={**trained.hparams, "loss": "ce"}))
+    logits = torch.randn(3, len(trained.answer_vocab))
+    torch.testing.assert_close(ce.scores(logits).sum(dim=1), torch.ones(3))
+    torch.testing.assert_close(Predictor(trained).scores(logits), logits.sigmoid())
+
+
+def test_cli_prints_answers_and_writes_the_attention_png(
+    run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    question = run.questions("val2014")[2]
+    out = tmp_path / "figs" / "attention.png"
+    argv = [
+        "vqa.predict",
+        f"ckpt_path={run.ckpt}",
+        f"image={run.image('val2014', question['image_id'])}",
+        f"question={question['question']}",
+        f"save_attention={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    GlobalHydra.instance().clear()
+    vqa_predict.main()
+    GlobalHydra.instance().clear()
+
+    printed = capsys.readouterr().out
+    assert question["question"].split()[0] in printed
+    assert sum(line.strip().startswith(("│ 1", "│ 5")) for line in printed.splitlines()) == 2
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+        pixels = np.asarray(png.convert("RGB"), dtype=np.float32)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 200
+    # the heatmap colours the image: many distinct colours, not a blank canvas
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
+
+
+def test_figure_has_a_panel_per_attention_map(run: TinyRun, predictor: Predictor) -> None:
+    """Multi-level fusions (hierarchical: word/phrase/sentence) get one panel per level."""
+    question = run.questions("val2014")[3]
+    image = run.image("val2014", question["image_id"])
+    base = predictor.predict(image, question["question"])
+    levels = ("word", "phrase", "sentence")
+    attention = {f"image/{lv}": torch.rand(*GRID).softmax(0) for lv in levels}
+    attention |= {f"question/{lv}": base.attention["question"] for lv in levels}
+    figure = plot_attention(image, dataclasses.replace(base, attention=attention))
+    titles = [ax.get_title() for ax in figure.axes] + [
+        ax.get_title(loc="left") for ax in figure.axes
+    ]
+    # in the fusion block's order, each with how peaked it is
+    image_titles = [t for t in titles if t.startswith("image/")]
+    assert [t.split(":")[0] for t in image_titles] == [f"image/{lv}" for lv in levels]
+    assert all(", peak " in t and "4x4 grid" in t for t in image_titles)
+    question_titles = [t for t in titles if t.startswith("question/")]
+    assert [t.split(":")[0] for t in question_titles] == [f"question/{lv}" for lv in levels]
+    uniform_peak = float(base.attention["question"].max()) * len(base.tokens)
+    assert all(t.endswith(f"peak {uniform_peak:.1f}x uniform") for t in question_titles)
+    token_texts = [t.get_text() for ax in figure.axes for t in ax.texts]
+    assert token_texts.count("[CLS]") == len(levels)
