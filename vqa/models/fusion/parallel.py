@@ -2,11 +2,13 @@
 
 Both attentions come from one affinity between every real word and every grid cell::
 
-    C = tanh(Q W_b V^T / sqrt(d)) [* spatial constraint]                       [N, M]
+    S = Q W_b V^T / sqrt(d) [* spatial constraint],  C = tanh(S)               [N, M]
 
 ``form="maxpool"`` (the seed's form): a cell's logit is its best affinity over the real words,
-a word's logit its best affinity over the cells, scaled by a learned inverse temperature
-(tanh bounds C to [-1, 1], which alone would cap any attention contrast at e^2).
+a word's logit its best affinity over the cells. The max is taken before the tanh (tanh is
+monotonic, so the ranking is the seed's): once trained affinities grow, tanh saturates to 1 on
+every cell, attention turns exactly uniform and its gradient vanishes, which is what the
+seed's literal softmax(max tanh(.)) did in a trained model here.
 ``form="lu"``: the affinity transfers each modality into the other's space::
 
     H_v = tanh(W_v V + C^T (W_q Q)),  a_v = softmax(w_hv^T H_v)
@@ -34,9 +36,6 @@ from vqa.models.fusion.base import (
 )
 
 FORMS = ("maxpool", "lu")
-# Initial inverse temperature of the max-pooled form (CLIP starts at 1/0.07 for the same reason).
-INITIAL_LOGIT_SCALE = 10.0
-MAX_LOGIT_SCALE = 100.0
 
 
 class ParallelCoAttention(FusionBlock):
@@ -65,9 +64,7 @@ class ParallelCoAttention(FusionBlock):
             self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
         )
         self.affinity = nn.Linear(hidden_dim, hidden_dim, bias=False)  # W_b
-        if form == "maxpool":
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(INITIAL_LOGIT_SCALE)))
-        else:
+        if form == "lu":
             self.image_hidden = nn.Linear(hidden_dim, hidden_dim)  # W_v
             self.text_hidden = nn.Linear(hidden_dim, hidden_dim)  # W_q
             self.image_score = nn.Linear(hidden_dim, 1)  # w_hv
@@ -80,18 +77,15 @@ class ParallelCoAttention(FusionBlock):
         cells, words, mask, constraint = x.cells, x.words, x.mask, x.constraint  # [B,M|N,D]
         height, width = x.height, x.width
 
-        affinity = torch.tanh(
-            self.affinity(words) @ cells.transpose(1, 2) / math.sqrt(cells.shape[-1])
-        )  # [B, N, M]
+        scores = self.affinity(words) @ cells.transpose(1, 2) / math.sqrt(cells.shape[-1])
         if constraint is not None:
-            affinity = affinity * constraint.unsqueeze(1)
+            scores = scores * constraint.unsqueeze(1)  # [B, N, M]
         if self.form == "maxpool":
-            scale = self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-            image_logits = scale * masked_max(affinity, mask)  # [B, M]
-            question_logits = scale * affinity.amax(dim=-1)  # [B, N]
+            image_logits = masked_max(scores, mask)  # [B, M]
+            question_logits = scores.amax(dim=-1)  # [B, N]
         else:
-            # Padding rows must not feed the transfer sums C^T (W_q Q).
-            affinity = affinity.masked_fill(~mask.unsqueeze(-1), 0.0)
+            # C = tanh(scores); padding rows must not feed the transfer sums C^T (W_q Q).
+            affinity = torch.tanh(scores).masked_fill(~mask.unsqueeze(-1), 0.0)
             image_hidden, text_hidden = self.image_hidden(cells), self.text_hidden(words)
             image_logits = self.image_score(
                 torch.tanh(image_hidden + affinity.transpose(1, 2) @ text_hidden)
