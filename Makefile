@@ -36,6 +36,7 @@ eval: $(STAMP) ## Evaluate a checkpoint: make eval CKPT=path/to.ckpt [ARGS=...]
 
 sweep: $(STAMP) ## Small fusion comparison on the synthetic set (Hydra multirun)
 	$(PYTHON) train.py -m experiment=sweep_fusions $(ARGS)
+	$(PYTHON) scripts/summarize_sweep.py logs/sweep_fusions/multiruns
 
 test: $(STAMP) ## Fast test suite (what CI runs)
 	$(PYTHON) -m pytest -n auto $(PYTEST_ARGS)

@@ -175,7 +175,8 @@ class VQALitModule(LightningModule):
         drop = self.sample_modality_dropout(batch["input_ids"].shape[0]) if stage == "train" else {}
         out = self(batch, **drop)
         loss = self.compute_loss(out.logits, batch["targets"])
-        getattr(self, f"{stage}_loss")(loss.detach(), weight=out.logits.shape[0])
+        batch_size = out.logits.shape[0]
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=batch_size)
         getattr(self, f"{stage}_acc").update(
             predictions=self.decode(out.logits.detach()),
             human_answers=batch["answers"],
@@ -183,14 +184,8 @@ class VQALitModule(LightningModule):
             answer_types=batch["answer_type"],
             question_types=batch["question_type"],
         )
-        self.log(
-            f"{stage}/loss",
-            getattr(self, f"{stage}_loss"),
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=out.logits.shape[0],
-        )
+        if stage == "train":
+            self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -219,6 +214,17 @@ class VQALitModule(LightningModule):
             if answer_type in result:
                 self.log(f"{stage}/{key}", result[answer_type])
         metric.reset()
+        # Epoch losses are computed here, in the same order on every rank, rather than logged
+        # as Metric objects: Lightning computes (and syncs) those lazily when something reads
+        # them, and rank 0's progress bar reads them before the other ranks would -> gloo
+        # aborts / NCCL hangs.
+        loss: MeanMetric = getattr(self, f"{stage}_loss")
+        self.log(
+            "train/loss_epoch" if stage == "train" else f"{stage}/loss",
+            loss.compute(),
+            prog_bar=True,
+        )
+        loss.reset()
         return overall
 
     def on_train_epoch_end(self) -> None:

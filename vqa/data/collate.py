@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from vqa.data.errors import DataError
+
+if TYPE_CHECKING:
+    from vqa.data.features import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -22,10 +25,15 @@ class VQACollator:
     ``question_id``/``image_id`` [B] long, ``question``/``question_type``/``answer_type``
     lists; for annotated splits also ``answers`` (ten raw strings each) and ``targets``
     [B, num_answers] float soft scores.
+
+    With a ``features`` store (samples carry ``feature_row``), ``visual_features`` replaces
+    ``images``: one [U,C_s,H_s,W_s] tensor per stage, in the store's dtype (float16 halves the
+    host-to-device copy; the datamodule casts after the transfer).
     """
 
     pad_token_id: int
     num_answers: int
+    features: FeatureStore | None = None
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
         kept = [s for s in samples if s is not None]  # None: skipped unreadable image (logged)
@@ -37,15 +45,20 @@ class VQACollator:
         ids = [torch.tensor(s["input_ids"], dtype=torch.long) for s in kept]
         lengths = torch.tensor([len(t) for t in ids])
         input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)
-        rows: dict[int, int] = {}  # image_id -> row in `images`
-        images, image_index = [], []
+        visual_key = "image" if self.features is None else "feature_row"
+        rows: dict[int, int] = {}  # image_id -> row in `images` / `visual_features`
+        visuals, image_index = [], []
         for s in kept:
             if s["image_id"] not in rows:
-                rows[s["image_id"]] = len(images)
-                images.append(s["image"])
+                rows[s["image_id"]] = len(visuals)
+                visuals.append(s[visual_key])
             image_index.append(rows[s["image_id"]])
-        batch: dict[str, Any] = {
-            "images": torch.stack(images),
+        batch: dict[str, Any] = (
+            {"images": torch.stack(visuals)}
+            if self.features is None
+            else {"visual_features": self.features.read(visuals)}
+        )
+        batch |= {
             "image_index": torch.tensor(image_index, dtype=torch.long),
             "input_ids": input_ids,
             "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),

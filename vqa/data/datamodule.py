@@ -1,5 +1,5 @@
 """The LightningDataModule: split tables -> answer vocabulary, tokenizer, cached encodings ->
-batches of images, padded questions and soft targets.
+batches of images (or cached stage features), padded questions and soft targets.
 
 Built by Hydra from ``configs/data/<name>.yaml``. Evaluation passes a checkpoint's
 ``answer_vocab`` and ``tokenizer`` (see :mod:`vqa.data.artifacts`) so class ids and token ids
@@ -11,25 +11,32 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from datasets import Dataset, Features, List, Value
-from torch.utils.data import DataLoader
+from filelock import FileLock
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerFast
 
 from vqa.data.answers import AnswerVocab, soft_scores
 from vqa.data.artifacts import artifacts_to_dict, save_artifacts
 from vqa.data.collate import VQACollator
 from vqa.data.dataset import VQADataset
-from vqa.data.errors import BadRecordLog, OnBadRecord
+from vqa.data.errors import BadRecordLog, DataError, OnBadRecord
+from vqa.data.features import FeatureStore, FeatureStoreError, split_images
 from vqa.data.images import build_transform
-from vqa.data.samplers import ImageGroupedSampler
+from vqa.data.samplers import DistributedImageGroupedSampler, ImageGroupedSampler
 from vqa.data.sources import DataSource
 from vqa.data.table import SplitTable, column
 from vqa.data.tokenizer import load_tokenizer
 
+VisualInput = Literal["images", "cached"]
 ENCODING_VERSION = "1"  # bump when encode_batch changes, to invalidate cached encodings
 ENCODED_FEATURES = Features(
     {
@@ -81,6 +88,11 @@ class VQADataModule(pl.LightningDataModule):
 
     After ``setup()``: ``answer_vocab``, ``tokenizer``, ``question_types`` (sorted, all loaded
     annotated splits) and ``bad_records`` ({split: {reason: count}} of skipped records).
+
+    ``features="cached"`` reads each split's images as stage maps from
+    ``feature_dir/<split>`` (:mod:`vqa.data.features`) instead of decoding them; batches then
+    carry ``visual_features`` instead of ``images``. Once a trainer runs it, the model's visual
+    encoder is checked against the store (frozen, same stages, channels and weights).
     """
 
     def __init__(
@@ -107,12 +119,23 @@ class VQADataModule(pl.LightningDataModule):
         tokenizer: PreTrainedTokenizerFast | None = None,
         group_by_image: bool = False,
         seed: int = 0,
+        features: VisualInput = "images",
+        feature_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         BadRecordLog(on_bad_record)  # validates the policy name now, not at setup
         if max_question_length < 3:
             raise ValueError(
                 f"max_question_length must fit [CLS], a word and [SEP], got {max_question_length}"
+            )
+        if features not in ("images", "cached"):
+            raise ValueError(f"data.features must be 'images' or 'cached', got {features!r}")
+        if features == "cached" and feature_dir is None:
+            raise ValueError("data.features=cached needs data.feature_dir (the feature store)")
+        if features == "cached" and augment:
+            raise ValueError(
+                "data.features=cached reads maps computed once from un-augmented images: "
+                "set data.augment=false"
             )
         # No save_hyperparameters(): Hydra hands over ListConfig/DictConfig values, which would
         # stop checkpoints loading with weights_only=True; the run config travels in the module.
@@ -136,16 +159,34 @@ class VQADataModule(pl.LightningDataModule):
         self.bad_records: dict[str, dict[str, int]] = {}
         self.tables: dict[str, SplitTable] = {}
         self.datasets: dict[str, VQADataset] = {}
+        self.image_size = image_size
         self.train_transform = build_transform(image_size, augment)
         self.eval_transform = build_transform(image_size, augment=False)
+        self.features: VisualInput = features
+        self.feature_dir = None if feature_dir is None else Path(feature_dir)
+        self.feature_stores: dict[str, FeatureStore] = {}
 
     # ------------------------------------------------------------------ loading
 
     def prepare_data(self) -> None:
-        """One-off work on one process: generate the synthetic set, check the root exists."""
-        self.source.prepare(self.root)
+        """One-off work: generate the synthetic set, check the root exists.
 
-    def _table(self, split: str) -> SplitTable:
+        Under a file lock beside the caches: Lightning prepares once per node, but nodes share
+        the data folder, SLURM starts every rank's script at once, and sweep jobs run side by
+        side; two processes generating one folder would pull it from under each other.
+        """
+        with self._prepare_lock():
+            self.source.prepare(self.root)
+
+    def _prepare_lock(self) -> AbstractContextManager[Any]:
+        if self.cache_dir is None or self.root is None:
+            return nullcontext()  # nothing is written to a shared folder (hub: datasets locks)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        key = hashlib.blake2b(str(self.root.resolve()).encode(), digest_size=8).hexdigest()
+        return FileLock(self.cache_dir / f"prepare-{key}.lock")
+
+    def table(self, split: str) -> SplitTable:
+        """The loaded split table (loaded once; bad records raised or counted)."""
         if split not in self.tables:
             bad = BadRecordLog(self.on_bad_record)
             self.tables[split] = self.source.load_split(self.root, split, bad)
@@ -165,7 +206,7 @@ class VQADataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         splits = self._stage_splits(stage)
         if self.answer_vocab is None:
-            tables = [self._table(s) for s in self.vocab_splits]
+            tables = [self.table(s) for s in self.vocab_splits]
             if unannotated := [t.split for t in tables if not t.annotated]:
                 raise ValueError(
                     f"vocab_splits {unannotated} have no annotations to build answers from"
@@ -174,7 +215,7 @@ class VQADataModule(pl.LightningDataModule):
             self.answer_vocab = AnswerVocab.build(answers, min_count=self.min_answer_count)
         if self.tokenizer is None:
             texts = (
-                column(self._table(self.train_split).table, "question")
+                column(self.table(self.train_split).table, "question")
                 if self.tokenizer_name is None
                 else None
             )
@@ -182,6 +223,8 @@ class VQADataModule(pl.LightningDataModule):
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self._dataset(split)
+        if self.features == "cached" and self.trainer is not None:
+            self.check_visual_encoder(self.trainer.lightning_module.net.visual, splits)
         self.question_types = sorted(
             {
                 qt
@@ -205,7 +248,7 @@ class VQADataModule(pl.LightningDataModule):
         return digest.hexdigest()
 
     def _dataset(self, split: str) -> VQADataset:
-        table = self._table(split)
+        table = self.table(split)
         key = self._encoding_key(table)
         cache_file = None
         if self.cache_dir is not None:
@@ -230,8 +273,66 @@ class VQADataModule(pl.LightningDataModule):
             new_fingerprint=key,
             desc=f"Encoding {split}",
         )
+        if self.features == "cached":
+            rows = self._feature_rows(split, table)
+            # The image column of a hub table would be read with every row: drop it.
+            rows_only = table.table.remove_columns(
+                [c for c in ("image",) if c in table.table.column_names]
+            )
+            return VQADataset(
+                rows_only, encoded, None, table.annotated, self.on_bad_record, feature_rows=rows
+            )
         transform = self.train_transform if split == self.train_split else self.eval_transform
         return VQADataset(table.table, encoded, transform, table.annotated, self.on_bad_record)
+
+    # ------------------------------------------------------------------ cached features
+
+    def _feature_rows(self, split: str, table: SplitTable) -> np.ndarray:
+        """Open ``split``'s store, check it was made from this data at this image size, and
+        return each question's row in it."""
+        store = FeatureStore(self.feature_dir / split)
+        manifest = store.manifest
+        if manifest.image_size != self.image_size:
+            raise FeatureStoreError(
+                f"{store.directory} was extracted at {manifest.image_size} px but "
+                f"data.image_size={self.image_size}: extract again at this size, or point "
+                "data.feature_dir at a store made at it"
+            )
+        if manifest.data_fingerprint != split_images(table.table).fingerprint:
+            raise FeatureStoreError(
+                f"the images of split {split!r} changed since {store.directory} was extracted "
+                "(other ids, files or sizes): extract again (extract.overwrite=true)"
+            )
+        rows = store.rows_for(np.asarray(column(table.table, "image_id"), dtype=np.int64))
+        if (rows < 0).any() and self.on_bad_record == "error":
+            bad = sorted(set(np.asarray(column(table.table, "image_id"))[rows < 0].tolist()))
+            raise DataError(
+                f"{len(bad)} image(s) were unreadable at feature extraction (e.g. image_id "
+                f"{bad[:5]}); fix them and extract again, or set data.on_bad_record=skip",
+                file=store.directory,
+                reason="corrupt_image",
+            )
+        self.feature_stores[split] = store
+        return rows
+
+    def check_visual_encoder(self, encoder: nn.Module, splits: Sequence[str]) -> None:
+        """The model must read the stores it would compute itself: a frozen encoder (cached
+        maps cannot follow trained weights) with the stores' stages, channels and weights."""
+        if trainable := [n for n, p in encoder.named_parameters() if p.requires_grad]:
+            raise FeatureStoreError(
+                "data.features=cached needs a frozen visual encoder (model.visual.freeze=all): "
+                f"{len(trainable)} of its parameters are trainable (e.g. {trainable[0]})"
+            )
+        for split in splits:
+            self.feature_stores[split].check_encoder(encoder)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Cached maps travel in the store's dtype (float16: half the copy) and become floats
+        on the device, as an encoder's output would be."""
+        if isinstance(batch, dict) and "visual_features" in batch:
+            dtype = torch.get_default_dtype()
+            batch["visual_features"] = [f.to(dtype) for f in batch["visual_features"]]
+        return batch
 
     # ------------------------------------------------------------------ artifacts and loaders
 
@@ -257,11 +358,7 @@ class VQADataModule(pl.LightningDataModule):
                 f"split {split!r} is not set up; call setup() with the matching stage first"
             )
         dataset = self.datasets[split]
-        sampler = None
-        if shuffle and self.group_by_image:
-            # Under DDP Lightning re-shuffles a custom sampler per rank: still correct, only
-            # the one-encoder-pass-per-image saving is lost.
-            sampler = ImageGroupedSampler(column(dataset.table, "image_id"), seed=self.seed)
+        sampler = self._sampler(dataset, shuffle)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -271,8 +368,29 @@ class VQADataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            collate_fn=VQACollator(self.tokenizer.pad_token_id, len(self.answer_vocab)),
+            collate_fn=VQACollator(
+                self.tokenizer.pad_token_id,
+                len(self.answer_vocab),
+                features=self.feature_stores.get(split),
+            ),
         )
+
+    def _sampler(self, dataset: VQADataset, shuffle: bool) -> Sampler[int] | None:
+        """Image-grouped order. Under DDP each rank gets whole images (for evaluation too:
+        Lightning's round-robin split would have every rank encode every image)."""
+        if not self.group_by_image:
+            return None
+        world_size = 1 if self.trainer is None else self.trainer.world_size
+        image_ids = column(dataset.table, "image_id")
+        if world_size > 1:
+            return DistributedImageGroupedSampler(
+                image_ids,
+                num_replicas=world_size,
+                rank=self.trainer.global_rank,
+                shuffle=shuffle,
+                seed=self.seed,
+            )
+        return ImageGroupedSampler(image_ids, seed=self.seed) if shuffle else None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_split, shuffle=True, batch_size=self.batch_size)

@@ -1,4 +1,5 @@
-"""A split as a map-style torch dataset: one sample dict per question, image decoded lazily."""
+"""A split as map-style torch datasets: one sample dict per question (image decoded lazily, or
+its row in a feature store), and each distinct image once for the feature extractor."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from PIL import Image
@@ -15,6 +17,16 @@ from vqa.data.images import load_rgb
 
 log = logging.getLogger(__name__)
 
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def row_image(row: dict[str, Any]) -> Image.Image:
+    """The decoded RGB image of a table row: a file (``image_path``) or undecoded hub bytes."""
+    if "image_path" in row:
+        return load_rgb(row["image_path"], row["question_id"])
+    stored = row["image"]  # undecoded hub image: {"bytes", "path"}
+    return load_rgb(stored["bytes"] or stored["path"], row["question_id"], name=stored.get("path"))
+
 
 class VQADataset(torch.utils.data.Dataset):
     """Rows of a split table beside their cached encoding (token ids, sparse soft targets).
@@ -23,44 +35,60 @@ class VQADataset(torch.utils.data.Dataset):
     table's image column is never rewritten. With ``on_bad_record="skip"`` an image that
     cannot be decoded yields ``None`` (dropped by the collator) and a warning naming the file:
     corrupt images only show up when decoded, which the table loader does not do.
+
+    With ``feature_rows`` (``data.features=cached``) a sample carries its image's row in the
+    feature store instead of pixels, and nothing is decoded; row -1 marks an image that was
+    unreadable at extraction, skipped like an unreadable file.
     """
 
     def __init__(
         self,
         table: Dataset,
         encoded: Dataset,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Transform | None,
         annotated: bool,
         on_bad_record: OnBadRecord = "error",
+        feature_rows: np.ndarray | None = None,
     ) -> None:
         if len(table) != len(encoded):
             raise ValueError(f"table has {len(table)} rows but its encoding {len(encoded)}")
+        if (transform is None) == (feature_rows is None):
+            raise ValueError("give exactly one of transform (images) or feature_rows (cached)")
+        if feature_rows is not None and len(feature_rows) != len(table):
+            raise ValueError(f"table has {len(table)} rows but {len(feature_rows)} feature rows")
         self.table, self.encoded, self.transform = table, encoded, transform
         self.annotated, self.on_bad_record = annotated, on_bad_record
+        self.feature_rows = feature_rows
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def _image(self, row: dict[str, Any]) -> Image.Image:
-        if "image_path" in row:
-            return load_rgb(row["image_path"], row["question_id"])
-        stored = row["image"]  # undecoded hub image: {"bytes", "path"}
-        return load_rgb(
-            stored["bytes"] or stored["path"], row["question_id"], name=stored.get("path")
-        )
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        row = self.table[index]
+    def _visual(self, index: int, row: dict[str, Any]) -> dict[str, Any] | None:
+        if self.feature_rows is not None:
+            feature_row = int(self.feature_rows[index])
+            if feature_row < 0:
+                log.warning(
+                    "skipping question_id=%s: its image was unreadable at feature extraction",
+                    row["question_id"],
+                )
+                return None
+            return {"feature_row": feature_row}
         try:
-            image = self.transform(self._image(row))
+            return {"image": self.transform(row_image(row))}
         except DataError as err:
             if self.on_bad_record == "error":
                 raise
             log.warning("skipping a sample whose image cannot be read: %s", err)
             return None
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        row = self.table[index]
+        visual = self._visual(index, row)
+        if visual is None:
+            return None
         encoded = self.encoded[index]
         sample = {
-            "image": image,
+            **visual,
             "input_ids": encoded["input_ids"],
             "question_id": row["question_id"],
             "image_id": row["image_id"],
@@ -73,3 +101,33 @@ class VQADataset(torch.utils.data.Dataset):
             sample["target_index"] = encoded["target_index"]
             sample["target_score"] = encoded["target_score"]
         return sample
+
+
+class DistinctImages(torch.utils.data.Dataset):
+    """Each distinct image of a split once, the feature extractor's input.
+
+    Item ``i`` is ``(i, pixels)`` for the image shown by table row ``rows[i]``, or ``(i, None)``
+    when that image cannot be decoded and bad records are skipped.
+    """
+
+    def __init__(
+        self,
+        table: Dataset,
+        rows: np.ndarray,
+        transform: Transform,
+        on_bad_record: OnBadRecord = "error",
+    ) -> None:
+        self.table, self.rows, self.transform = table, rows, transform
+        self.on_bad_record = on_bad_record
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None]:
+        try:
+            return index, self.transform(row_image(self.table[int(self.rows[index])]))
+        except DataError as err:
+            if self.on_bad_record == "error":
+                raise
+            log.warning("image left out of the feature store, it cannot be read: %s", err)
+            return index, None

@@ -7,11 +7,32 @@ per image, which is where the compute of an end-to-end model goes.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
+
+
+def _image_groups(image_ids: Sequence[int]) -> list[list[int]]:
+    """Question indices per image, images in order of first appearance."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, image_id in enumerate(image_ids):
+        groups[int(image_id)].append(index)
+    return list(groups.values())
+
+
+def _shuffled(groups: list[list[int]], seed: int, epoch: int) -> list[list[int]]:
+    """Groups in a random order, each group's questions in a random order; a function of
+    ``seed`` and ``epoch`` only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(groups), generator=generator).tolist()
+    return [
+        [groups[g][i] for i in torch.randperm(len(groups[g]), generator=generator).tolist()]
+        for g in order
+    ]
 
 
 class ImageGroupedSampler(Sampler[int]):
@@ -22,10 +43,7 @@ class ImageGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, image_ids: Sequence[int], seed: int = 0) -> None:
-        groups: dict[int, list[int]] = defaultdict(list)
-        for index, image_id in enumerate(image_ids):
-            groups[int(image_id)].append(index)
-        self.groups = list(groups.values())
+        self.groups = _image_groups(image_ids)
         self.num_samples = len(image_ids)
         self.seed = seed
         self.epoch = 0
@@ -37,8 +55,49 @@ class ImageGroupedSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        for g in torch.randperm(len(self.groups), generator=generator).tolist():
-            group = self.groups[g]
-            for i in torch.randperm(len(group), generator=generator).tolist():
-                yield group[i]
+        for group in _shuffled(self.groups, self.seed, self.epoch):
+            yield from group
+
+
+class DistributedImageGroupedSampler(DistributedSampler):
+    """One DDP rank's share of whole images: each image's questions all go to one rank.
+
+    Lightning keeps a ``DistributedSampler`` as it is instead of wrapping the loader's sampler
+    in one that deals indices out round-robin, which would split every image's questions over
+    the ranks and have each of them encode the image. The image order (shuffled per seed and
+    epoch for training, table order for evaluation) is cut into contiguous runs of about equal
+    question counts, one per rank. Ranks must run the same number of batches, so each pads its
+    run to a common length by repeating its own questions, as ``DistributedSampler`` pads;
+    ``VQAAccuracy`` counts each question id once, so evaluation stays exact.
+    """
+
+    def __init__(
+        self,
+        image_ids: Sequence[int],
+        num_replicas: int,
+        rank: int,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            range(len(image_ids)), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed
+        )
+        self.groups = _image_groups(image_ids)
+        largest = max((len(g) for g in self.groups), default=1)
+        # A run starts inside its rank's 1/R of the questions and overshoots it by less than
+        # one image, so this bounds every rank's run.
+        self.num_samples = math.ceil(len(image_ids) / num_replicas) + largest - 1
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        order = _shuffled(self.groups, self.seed, self.epoch) if self.shuffle else self.groups
+        total = sum(len(g) for g in order)
+        mine, start = [], 0
+        for group in order:
+            if start * self.num_replicas // total == self.rank:
+                mine.extend(group)
+            start += len(group)
+        # A rank left without images (fewer images than ranks) pads from everyone's.
+        filler = itertools.cycle(mine or [i for group in order for i in group])
+        yield from mine
+        yield from itertools.islice(filler, self.num_samples - len(mine))

@@ -1,0 +1,525 @@
+"""Feature cache: a frozen visual encoder's stage maps, computed once per image and read back
+by the datamodule (``data.features=cached``) instead of decoding and encoding images.
+
+A frozen backbone is most of the compute of an end-to-end step and its output never changes, so
+``scripts/extract_features.py`` encodes each image once instead of once per batch and epoch.
+One folder per split::
+
+    <data.feature_dir>/<split>/manifest.json  what made it: encoder config, weight digests,
+                                              image size, stages and shapes, dtype, data
+                                              fingerprint
+                               image_ids.npy  sorted image ids; row r holds image_ids[r]
+                               features.npy   [N, D] float16 (or float32), memory-mapped: the
+                                              stages flattened and concatenated per row
+                               status.npy     [N] uint8 per row: 0 pending, 1 written,
+                                              2 unreadable image (row left zero)
+
+Rows are computed in fixed chunks; a chunk's features reach the disk before its status does.
+An interrupted extraction therefore resumes at the first unfinished chunk and, computing each
+chunk exactly as an uninterrupted run would, ends with a byte-identical store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from vqa.data.table import column
+from vqa.models.visual import STAGES
+
+log = logging.getLogger(__name__)
+FORMAT = "coattn-vqa-features/1"
+MANIFEST, IMAGE_IDS, FEATURES, STATUS = (
+    "manifest.json",
+    "image_ids.npy",
+    "features.npy",
+    "status.npy",
+)
+PENDING, WRITTEN, UNREADABLE = 0, 1, 2
+DTYPES = ("float16", "float32")
+# Manifest fields that must agree for two runs' rows to share a store. batch_size is left out:
+# a resumed run adopts the stored one, because chunk boundaries decide the exact bytes.
+IDENTITY_FIELDS = (
+    "format",
+    "split",
+    "encoder",
+    "stages",
+    "digests",
+    "image_size",
+    "dtype",
+    "num_images",
+    "data_fingerprint",
+)
+# Encoder settings that change only training, never an eval-mode forward.
+TRAINING_ONLY_KEYS = ("freeze", "gradient_checkpointing")
+
+
+class FeatureStoreError(RuntimeError):
+    """A store that is missing, incomplete, or made with other settings than the ones asked for."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stored stage: its name and the [C, H, W] shape of its map."""
+
+    name: str
+    shape: tuple[int, int, int]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What made a store; two stores with equal identity fields hold interchangeable rows."""
+
+    split: str
+    encoder: dict[str, Any]
+    stages: tuple[Stage, ...]
+    digests: dict[str, str]
+    image_size: int
+    dtype: str
+    num_images: int
+    data_fingerprint: str
+    batch_size: int
+    format: str = FORMAT
+
+    @property
+    def row_size(self) -> int:
+        return sum(stage.size for stage in self.stages)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data["stages"] = tuple(Stage(s["name"], tuple(s["shape"])) for s in data["stages"])
+        return cls(**data)
+
+    def differences(self, other: Manifest) -> dict[str, tuple[Any, Any]]:
+        """Identity fields whose values differ, as {field: (self's, other's)}."""
+        mine, theirs = asdict(self), asdict(other)
+        return {k: (mine[k], theirs[k]) for k in IDENTITY_FIELDS if mine[k] != theirs[k]}
+
+
+# ------------------------------------------------------------------------------- identities
+
+
+def stage_digests(encoder: nn.Module) -> dict[str, str]:
+    """Per stage, a digest of every weight its output depends on (the stem and the stages up to
+    and including it), so a model reading only layer3 can be checked against a store made by an
+    encoder that went on to layer4.
+
+    BatchNorm's ``num_batches_tracked`` is left out: an eval-mode forward never reads it and
+    FrozenBatchNorm2d has none, so ``bn=train`` and ``bn=frozen`` with the same weights agree.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digests = {}
+    for name, module in encoder.body.items():
+        for key, tensor in module.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}.{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().data)
+        if name in STAGES:
+            digests[name] = digest.copy().hexdigest()
+    return digests
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    """The distinct images of a split: sorted ids, the first table row showing each, and a
+    content key (ids, file names and sizes) that changes when the images do."""
+
+    image_ids: np.ndarray
+    rows: np.ndarray
+    fingerprint: str
+
+
+def split_images(table: Dataset) -> SplitImages:
+    """The distinct images of a split table. File sizes make a regenerated or re-downloaded
+    image set differ from the stored one; hub tables (images inside the table, pinned by the
+    hub revision) are keyed by their ids."""
+    ids = np.asarray(column(table, "image_id"), dtype=np.int64)
+    image_ids, rows = np.unique(ids, return_index=True)
+    digest = hashlib.blake2b(image_ids.tobytes(), digest_size=16)
+    if "image_path" in table.column_names:
+        paths = column(table, "image_path")
+        for row in rows.tolist():
+            path = paths[row]
+            size = os.stat(path).st_size if os.path.exists(path) else -1
+            digest.update(f"{os.path.basename(path)}:{size}\n".encode())
+    return SplitImages(image_ids, rows, digest.hexdigest())
+
+
+def read_manifest(directory: str | Path) -> Manifest | None:
+    path = Path(directory) / MANIFEST
+    return Manifest.from_json(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def build_manifest(
+    encoder: nn.Module,
+    encoder_config: dict[str, Any],
+    split: str,
+    images: SplitImages,
+    image_size: int,
+    dtype: str,
+    batch_size: int,
+) -> Manifest:
+    """The manifest ``encoder`` would write for ``images`` (stage shapes from a dummy forward)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"feature dtype must be one of {DTYPES}, got {dtype!r}")
+    device = next(encoder.parameters()).device
+    with torch.inference_mode():
+        maps = encoder(torch.zeros(1, 3, image_size, image_size, device=device))
+    stages = tuple(
+        Stage(name, tuple(m.shape[1:])) for name, m in zip(encoder.stage_names, maps, strict=True)
+    )
+    digests = stage_digests(encoder)
+    return Manifest(
+        split=split,
+        encoder={k: v for k, v in encoder_config.items() if k not in TRAINING_ONLY_KEYS},
+        stages=stages,
+        digests={s.name: digests[s.name] for s in stages},
+        image_size=image_size,
+        dtype=dtype,
+        num_images=len(images.image_ids),
+        data_fingerprint=images.fingerprint,
+        batch_size=batch_size,
+    )
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+class _NpyRows:
+    """Row writes into an existing ``.npy`` file at its data offset, durable when flushed."""
+
+    def __init__(self, path: Path) -> None:
+        array = np.load(path, mmap_mode="r")
+        self.offset, self.row_bytes = array.offset, array.itemsize * math.prod(array.shape[1:])
+        del array
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows).tobytes()
+        os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class FeatureWriter:
+    """Creates a split's store, or reopens a partly written one made with the same manifest.
+
+    A store whose manifest differs is refused (rows from two encoders, image sizes or data sets
+    must never mix) unless ``overwrite`` replaces it.
+    """
+
+    def __init__(
+        self, directory: str | Path, manifest: Manifest, image_ids: np.ndarray, overwrite: bool
+    ) -> None:
+        self.directory = Path(directory)
+        existing = read_manifest(self.directory)
+        if existing is not None and not overwrite:
+            if differences := existing.differences(manifest):
+                detail = "; ".join(
+                    f"{k}: stored {old!r}, asked {new!r}" for k, (old, new) in differences.items()
+                )
+                raise FeatureStoreError(
+                    f"{self.directory} holds features made with other settings ({detail}). "
+                    "Point data.feature_dir elsewhere, or pass extract.overwrite=true to replace "
+                    "them."
+                )
+            # Same identity: resume with the stored chunking, so rows come out byte-identical.
+            manifest = replace(manifest, batch_size=existing.batch_size)
+        else:
+            self._create(manifest, image_ids)
+        self.manifest = manifest
+        self.status = np.load(self.directory / STATUS)
+        if existing is not None and not overwrite:
+            log.info(
+                "%s: %d of %d images already stored, continuing in chunks of %d",
+                self.directory,
+                int((self.status != PENDING).sum()),
+                manifest.num_images,
+                manifest.batch_size,
+            )
+        self._features = _NpyRows(self.directory / FEATURES)
+        self._status = _NpyRows(self.directory / STATUS)
+
+    def _create(self, manifest: Manifest, image_ids: np.ndarray) -> None:
+        """Files first, the manifest last (atomically): a folder without a manifest is never
+        mistaken for a store, and is simply created again."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / MANIFEST).unlink(missing_ok=True)
+        np.save(self.directory / IMAGE_IDS, image_ids.astype(np.int64))
+        np.save(self.directory / STATUS, np.zeros(len(image_ids), dtype=np.uint8))
+        # Allocated sparse: the zeros of pending rows take no disk space.
+        shape = (len(image_ids), manifest.row_size)
+        allocated = np.lib.format.open_memmap(
+            self.directory / FEATURES, mode="w+", dtype=manifest.dtype, shape=shape
+        )
+        del allocated  # unmaps; rows are written through _NpyRows
+        tmp = self.directory / f".{MANIFEST}.tmp"
+        tmp.write_text(manifest.to_json(), encoding="utf-8")
+        os.replace(tmp, self.directory / MANIFEST)
+
+    def pending_chunks(self) -> list[range]:
+        """Row ranges still to compute, on the fixed chunk grid of ``manifest.batch_size``."""
+        size, total = self.manifest.batch_size, self.manifest.num_images
+        chunks = (range(start, min(start + size, total)) for start in range(0, total, size))
+        return [c for c in chunks if (self.status[c.start : c.stop] == PENDING).any()]
+
+    def write(self, chunk: range, features: np.ndarray, unreadable: np.ndarray) -> None:
+        """Store a chunk's rows (zeros where ``unreadable``), then mark it done."""
+        self._features.write(chunk.start, features)
+        self._features.flush()
+        status = np.where(unreadable, UNREADABLE, WRITTEN).astype(np.uint8)
+        self._status.write(chunk.start, status)
+        self._status.flush()
+        self.status[chunk.start : chunk.stop] = status
+
+    def close(self) -> None:
+        self._features.close()
+        self._status.close()
+
+
+@dataclass(frozen=True)
+class ExtractionReport:
+    """What one split's extraction did; ``seconds`` covers decoding and encoding."""
+
+    split: str
+    directory: Path
+    num_images: int
+    computed: int
+    unreadable: int
+    seconds: float
+    bytes_per_image: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _collate_chunk(items: list[tuple[int, Tensor | None]]) -> tuple[Tensor | None, Tensor]:
+    """Stack a chunk's readable images; the mask marks the unreadable ones."""
+    unreadable = torch.tensor([pixels is None for _, pixels in items])
+    kept = [pixels for _, pixels in items if pixels is not None]
+    return (torch.stack(kept) if kept else None), unreadable
+
+
+def encode_rows(encoder: nn.Module, pixels: Tensor, manifest: Manifest) -> np.ndarray:
+    """[n, row_size] stage maps, flattened and concatenated, in the store's dtype."""
+    with torch.inference_mode():
+        maps = encoder(pixels)
+    flat = torch.cat([m.flatten(1) for m in maps], dim=1).to(getattr(torch, manifest.dtype))
+    if not torch.isfinite(flat).all():
+        peaks = {s.name: float(m.abs().amax()) for s, m in zip(manifest.stages, maps, strict=True)}
+        hint = (
+            "extract with extract.dtype=float32, or use an encoder whose activations are "
+            "normalised (pretrained weights)"
+            if manifest.dtype == "float16"
+            else "the encoder itself produces non-finite values"
+        )
+        raise FeatureStoreError(
+            f"stage maps do not fit {manifest.dtype} (largest magnitudes {peaks}): {hint}"
+        )
+    return flat.cpu().numpy()
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} img/s" if task.speed else "")
+
+
+@contextmanager
+def _progress(enabled: bool, description: str, total: int, done: int) -> Iterator[Any]:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not enabled) as progress:
+        yield progress, progress.add_task(description, total=total, completed=done)
+
+
+def extract_split(
+    encoder: nn.Module,
+    images: torch.utils.data.Dataset,
+    writer: FeatureWriter,
+    *,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> ExtractionReport:
+    """Encode the writer's pending chunks with ``encoder`` (already in eval mode on its device).
+
+    ``images`` yields ``(row, pixels or None)`` per store row (:class:`~vqa.data.dataset.
+    DistinctImages`). Each chunk is one batch, so a resumed run batches exactly like a fresh one.
+    """
+    manifest = writer.manifest
+    device = next(encoder.parameters()).device
+    chunks = writer.pending_chunks()
+    loader = DataLoader(
+        images,
+        batch_sampler=[list(c) for c in chunks],
+        num_workers=num_workers,
+        collate_fn=_collate_chunk,
+        pin_memory=device.type == "cuda",
+    )
+    computed = sum(len(c) for c in chunks)
+    start = time.perf_counter()
+    with _progress(
+        progress, f"{manifest.split}", manifest.num_images, manifest.num_images - computed
+    ) as (bar, task):
+        for chunk, (pixels, unreadable) in zip(chunks, loader, strict=True):
+            rows = np.zeros((len(chunk), manifest.row_size), dtype=manifest.dtype)
+            if pixels is not None:
+                encoded = encode_rows(encoder, pixels.to(device, non_blocking=True), manifest)
+                rows[~unreadable.numpy()] = encoded
+            writer.write(chunk, rows, unreadable.numpy())
+            bar.advance(task, len(chunk))
+    return ExtractionReport(
+        split=manifest.split,
+        directory=writer.directory,
+        num_images=manifest.num_images,
+        computed=computed,
+        unreadable=int((writer.status == UNREADABLE).sum()),
+        seconds=time.perf_counter() - start,
+        bytes_per_image=manifest.row_size * np.dtype(manifest.dtype).itemsize,
+    )
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+class FeatureStore:
+    """A complete store, memory-mapped read-only; what the datamodule batches come from.
+
+    Picklable without the mapping (DataLoader workers reopen it), so workers share the page
+    cache instead of copying the array.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        manifest = read_manifest(self.directory)
+        if manifest is None:
+            raise FeatureStoreError(
+                f"no feature store at {self.directory}: run `python scripts/extract_features.py` "
+                "with the same data and model/visual overrides as training first"
+            )
+        status = np.load(self.directory / STATUS)
+        if pending := int((status == PENDING).sum()):
+            raise FeatureStoreError(
+                f"{self.directory} is incomplete: {pending} of {len(status)} images not "
+                "extracted yet (interrupted?); run scripts/extract_features.py again to resume"
+            )
+        self.manifest = manifest
+        self.image_ids = np.load(self.directory / IMAGE_IDS)
+        self.unreadable = status == UNREADABLE
+        starts = np.cumsum([0, *(s.size for s in manifest.stages)]).tolist()
+        self._columns = {
+            s.name: (start, start + s.size)
+            for s, start in zip(manifest.stages, starts, strict=False)
+        }
+        self.stages: tuple[Stage, ...] = manifest.stages
+        self._array: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.directory / FEATURES, mmap_mode="r")
+        return self._array
+
+    def rows_for(self, image_ids: np.ndarray) -> np.ndarray:
+        """The row of each image id (-1 where the image was unreadable at extraction)."""
+        rows = np.searchsorted(self.image_ids, image_ids)
+        found = (rows < len(self.image_ids)) & (
+            self.image_ids[np.minimum(rows, len(self.image_ids) - 1)] == image_ids
+        )
+        if not found.all():
+            missing = np.unique(image_ids[~found])
+            raise FeatureStoreError(
+                f"{self.directory} has no features for {len(missing)} image(s) of this split "
+                f"(e.g. image_id {missing[:5].tolist()}): extract them again "
+                "(extract.overwrite=true)"
+            )
+        return np.where(self.unreadable[rows], -1, rows)
+
+    def use_stages(self, names: Sequence[str]) -> None:
+        """Read only ``names`` (in network order) from now on."""
+        stored = {s.name: s for s in self.manifest.stages}
+        if missing := [n for n in names if n not in stored]:
+            raise FeatureStoreError(
+                f"the model reads stages {list(names)} but {self.directory} holds only "
+                f"{list(stored)} (missing {missing}): extract with model.visual.stages="
+                f"[{','.join(names)}]"
+            )
+        self.stages = tuple(stored[n] for n in names)
+
+    def check_encoder(self, encoder: nn.Module) -> None:
+        """Refuse an encoder other than the one that made the store, and read its stages from
+        now on. Stages, channels and weights must match, or a checkpoint trained on these
+        features would evaluate on images with a visual encoder it never saw."""
+        self.use_stages(encoder.stage_names)
+        widths = {s.name: s.shape[0] for s in self.stages}
+        channels = dict(zip(encoder.stage_names, encoder.out_channels, strict=True))
+        if channels != widths:
+            raise FeatureStoreError(
+                f"the model's visual stages have {channels} channels, {self.directory} holds "
+                f"{widths} (made by {self.manifest.encoder})"
+            )
+        deepest = encoder.stage_names[-1]
+        if stage_digests(encoder)[deepest] != self.manifest.digests[deepest]:
+            raise FeatureStoreError(
+                f"the model's visual encoder weights differ from the ones that made "
+                f"{self.directory} ({self.manifest.encoder}): extract with the same "
+                "model/visual config, weights and seed as training"
+            )
+
+    def read(self, rows: Sequence[int]) -> list[Tensor]:
+        """The selected stages of ``rows``: one [len(rows), C, H, W] tensor per stage, each
+        read on its own so unselected stages never leave the disk."""
+        index = np.asarray(rows, dtype=np.int64)
+        return [
+            torch.from_numpy(self.array[index, slice(*self._columns[s.name])]).view(
+                len(index), *s.shape
+            )
+            for s in self.stages
+        ]
