@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from omegaconf import open_dict
 from torch.utils.data import DistributedSampler
 
@@ -24,16 +22,6 @@ from vqa.data.shapes import is_current
 from vqa.data.sources import ShapesSource
 from vqa.data.table import column
 from vqa.train import train
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two threads on the shared 2-core machine run several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------------ sampler
 

@@ -4,7 +4,6 @@ equals image training with a frozen backbone."""
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +47,6 @@ BASE = [
 STORE_FILES = (MANIFEST, "image_ids.npy", FEATURES, STATUS)
 FP16_UNIT_ROUNDOFF = 2.0**-11  # round-to-nearest relative error of a normal float16
 FP16_SUBNORMAL_HALF_STEP = 2.0**-25
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two threads on the shared 2-core machine run several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def extract_config(tmp_path: Path, data_dir: Path, *overrides: str) -> DictConfig:

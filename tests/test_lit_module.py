@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,15 +27,6 @@ ANSWERS = ["yes", "no", "2", "3", "red", "circle"]
 QUESTION_TYPES = ["how many", "is there a", "what color is the"]
 VOCAB_SIZE = 40
 LR, WEIGHT_DECAY = 3e-4, 0.01
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine a second OpenMP thread spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -7,12 +7,10 @@ import csv
 import math
 import statistics
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib.image
 import pytest
-import torch
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
@@ -30,15 +28,6 @@ JOB_OVERRIDES = [
     "trainer.enable_progress_bar=false",
     "test=false",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two threads on the shared 2-core machine run several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_train_cli(

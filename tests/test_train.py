@@ -83,8 +83,17 @@ def test_train_on_official_layout_with_tricky_images(tmp_path: Path) -> None:
     from vqa.data.shapes import ShapesConfig, generate
 
     root = tmp_path / "vqa"
-    generate(root, ShapesConfig(num_train_images=8, num_val_images=4, num_test_images=2,
-                                questions_per_image=4, image_size=32, seed=3))
+    generate(
+        root,
+        ShapesConfig(
+            num_train_images=8,
+            num_val_images=4,
+            num_test_images=2,
+            questions_per_image=4,
+            image_size=32,
+            seed=3,
+        ),
+    )
     images = sorted((root / "Images" / "mscoco" / "train2014").glob("*.jpg"))
     Image.open(images[0]).convert("L").save(images[0], format="JPEG")
     Image.open(images[1]).convert("CMYK").save(images[1], format="JPEG")
@@ -92,9 +101,17 @@ def test_train_on_official_layout_with_tricky_images(tmp_path: Path) -> None:
 
     cfg = compose_config(
         "train",
-        [*TINY_OVERRIDES, "data=vqav2", f"data.root={root}", "data.image_size=32",
-         "data.min_answer_count=1", "data.num_workers=0", "data.batch_size=8",
-         "data.pin_memory=false", "data.persistent_workers=false"],
+        [
+            *TINY_OVERRIDES,
+            "data=vqav2",
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.min_answer_count=1",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "data.pin_memory=false",
+            "data.persistent_workers=false",
+        ],
         tmp_path,
         tmp_path / "data",
     )

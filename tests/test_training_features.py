@@ -34,16 +34,6 @@ from vqa.train import build_components, train
 FAST_OVERRIDES = ["model.visual.stages=[layer3]", "trainer.num_sanity_val_steps=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine a second OpenMP thread spin-waits for a
-    busy core, and these tiny steps get up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(tmp_path: Path, data_dir: Path, *overrides: str, test: bool = False) -> DictConfig:
     cfg = compose_config(
         "train",
