@@ -102,7 +102,8 @@ def run_test(
     if not has_test_annotations(datamodule):
         log.warning(
             "Skipping trainer.test: test split %r has no annotations to score (use "
-            "`python -m vqa.predict` for EvalAI submissions, or set data.test_split=val2014).",
+            "`python -m vqa.eval ckpt_path=... split=test-dev2015` for an EvalAI submission file, "
+            "or set data.test_split=val2014).",
             getattr(datamodule, "test_split", None),
         )
         return {}
