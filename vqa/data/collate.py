@@ -71,10 +71,10 @@ class VQACollator:
         if "answers" in kept[0]:
             batch["answers"] = [s["answers"] for s in kept]
             counts = torch.tensor([len(s["target_index"]) for s in kept])
-            rows = torch.repeat_interleave(torch.arange(len(kept)), counts)
+            target_rows = torch.repeat_interleave(torch.arange(len(kept)), counts)
             cols = torch.tensor([i for s in kept for i in s["target_index"]], dtype=torch.long)
             scores = torch.tensor([v for s in kept for v in s["target_score"]], dtype=torch.float32)
             targets = torch.zeros(len(kept), self.num_answers, dtype=torch.float32)
-            targets[rows, cols] = scores
+            targets[target_rows, cols] = scores
             batch["targets"] = targets
         return batch

@@ -18,8 +18,7 @@ def set_project_root() -> Path:
 
     An explicit PROJECT_ROOT in the environment wins, so installed copies can point elsewhere.
     """
-    root = Path(os.environ.setdefault("PROJECT_ROOT", str(CONFIG_DIR.parent)))
-    return root
+    return Path(os.environ.setdefault("PROJECT_ROOT", str(CONFIG_DIR.parent)))
 
 
 def apply_extras(cfg: DictConfig) -> None:

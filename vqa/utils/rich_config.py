@@ -1,9 +1,8 @@
-"""Print the composed config as a rich tree, main groups first, and save it beside the run."""
+"""Print the composed config as a rich tree, main groups first (Hydra saves it in .hydra/)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import rich
 import rich.syntax
@@ -23,9 +22,7 @@ DEFAULT_ORDER = (
 )
 
 
-def print_config_tree(
-    cfg: DictConfig, order: Sequence[str] = DEFAULT_ORDER, save_to: Path | None = None
-) -> None:
+def print_config_tree(cfg: DictConfig, order: Sequence[str] = DEFAULT_ORDER) -> None:
     tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
     fields = [f for f in order if f in cfg] + [f for f in cfg if f not in order]
     for name in fields:
@@ -33,6 +30,3 @@ def print_config_tree(
         text = OmegaConf.to_yaml(node, resolve=False) if isinstance(node, DictConfig) else str(node)
         tree.add(str(name), style="dim", guide_style="dim").add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
-    if save_to is not None:
-        with open(save_to, "w") as fh:
-            rich.print(tree, file=fh)
