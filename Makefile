@@ -53,7 +53,7 @@ format: $(STAMP) ## Ruff autofix + format
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP) ## Benchmarks (JSON + markdown table under logs/bench)
-	$(PYTHON) scripts/model_stats.py --out logs/bench/model_stats.json $(ARGS)
+	$(PYTHON) scripts/benchmark.py $(ARGS)
 
 clean: ## Remove caches and outputs (keeps .venv and data/)
 	rm -rf logs .pytest_cache .ruff_cache outputs multirun

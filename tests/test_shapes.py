@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -13,15 +14,18 @@ from vqa.data.answers import normalize_answer, vqa_accuracy
 from vqa.data.layout import split_layout
 from vqa.data.shapes import (
     COLORS,
+    FAMILIES,
     MANIFEST_NAME,
     SHAPES,
     SceneObject,
     ShapesConfig,
     ensure_generated,
+    family_of,
     generate,
     is_current,
     iter_scenes,
     main,
+    sample_scene,
 )
 
 TINY = ShapesConfig(
@@ -156,6 +160,21 @@ def test_every_answer_is_unique_and_rederivable_from_the_scene(stats_root: Path)
                     assert ((a.x - b.x) ** 2 + (a.y - b.y) ** 2) ** 0.5 >= a.extent + b.extent, (
                         image_id
                     )
+
+
+def test_family_of_names_the_family_that_wrote_each_question() -> None:
+    rng = random.Random(3)
+    seen: Counter[str] = Counter()
+    for _ in range(60):
+        scene = sample_scene(rng, 128)
+        for family in FAMILIES:
+            for question, _ in family.candidates(scene):
+                assert family_of(question) == family.name, question
+                seen[family.name] += 1
+    assert set(seen) == {f.name for f in FAMILIES}
+    for text in ("is there a red circle", "what color is the hexagon?", "how many circles?"):
+        with pytest.raises(ValueError, match="not a synthetic shapes question"):
+            family_of(text)
 
 
 def test_answers_are_balanced_within_each_family(stats_root: Path) -> None:

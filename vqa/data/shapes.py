@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections import Counter
@@ -258,6 +259,30 @@ FAMILIES: tuple[Family, ...] = (
     Family("color_beside", "what color is the", "other", _color_beside, tuple(COLORS)),
 )
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+
+
+_COLOR = "|".join(COLORS)
+_SHAPE = "|".join(SHAPES)
+_OBJECT = rf"(?:{_COLOR}) (?:{_SHAPE})"
+# One pattern per family, matching exactly the questions its ``candidates`` writes.
+FAMILY_PATTERNS: dict[str, re.Pattern[str]] = {
+    "exists": re.compile(rf"is there a {_OBJECT}\?"),
+    "relation": re.compile(rf"is the {_OBJECT} (?:left|right) of the {_OBJECT}\?"),
+    "count_color": re.compile(rf"how many (?:{_COLOR}) shapes are there\?"),
+    "count_shape": re.compile(rf"how many (?:{_SHAPE})s are there\?"),
+    "color_of_shape": re.compile(rf"what color is the (?:{_SHAPE})\?"),
+    "shape_of_color": re.compile(rf"what shape is the (?:{_COLOR}) object\?"),
+    "color_beside": re.compile(rf"what color is the shape (?:left|right) of the {_OBJECT}\?"),
+}
+
+
+def family_of(question: str) -> str:
+    """The family that wrote ``question`` (finer than VQA's answer types: "color_beside" is
+    the relational part of "other"); raises ValueError for text no family writes."""
+    for name, pattern in FAMILY_PATTERNS.items():
+        if pattern.fullmatch(question):
+            return name
+    raise ValueError(f"{question!r} is not a synthetic shapes question")
 
 
 @dataclass(frozen=True)

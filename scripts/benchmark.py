@@ -1,0 +1,1589 @@
+"""Benchmarks (`make bench`): training throughput and memory per fusion block, Lightning overhead,
+input pipeline vs model, fusion scaling with grid and question length, and a GPU end-to-end mode.
+
+    python scripts/benchmark.py                      # everything, quick-start sizes (< 10 min, 2 CPUs)
+    python scripts/benchmark.py --sections overhead pipeline --repeats 7
+    python scripts/benchmark.py --quick              # tiny sizes (what the tests run)
+    python scripts/benchmark.py --sections gpu --compile   # on a CUDA machine
+
+Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (default ``logs/bench``) and prints the
+markdown. Sections (``--sections``, by name or number):
+
+1. ``fusions``: per ``configs/fusion/*.yaml``, training samples/s and peak memory of the quick-start
+   composition (``experiment=quickstart fusion=<name>``), from images and from cached features.
+2. ``overhead``: the Lightning module under a real ``Trainer`` vs the bare PyTorch loop below, same
+   model, batches, precision, clipping, optimizer and schedule (tests prove the weights agree).
+3. ``pipeline``: data-loader samples/s (quick-start ``num_workers``) vs the training step's rate.
+4. ``scaling``: fusion blocks alone (ResNet-101 layer3/layer4 channels, 768-d text) as the grid and
+   the question grow, dense vs ``top_k`` sparse attention (folds the former model_stats.py).
+5. ``gpu``: ResNet-101 @ 448 px + bert-base (random init), bf16-mixed, channels_last, optional
+   ``torch.compile``: samples/s and model-FLOPs utilisation; skipped without CUDA (``--gpu-smoke``
+   runs the same code on CPU at tiny size).
+
+Timings use ``--threads`` torch threads in every process (default 1: reproducible on a shared
+machine; ``--threads 2`` on a quiet 2-core one). The header reports how much CPU other processes
+took during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import gc
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `scripts.extract_features` when run as `python scripts/...`
+    sys.path.insert(0, str(ROOT))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop  # noqa: E402
+from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
+from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
+
+from vqa.config_schema import register_schemas  # noqa: E402
+from vqa.lit_module import VQALitModule  # noqa: E402
+from vqa.train import build_components  # noqa: E402
+from vqa.utils import instantiate_callbacks, instantiate_loggers, set_project_root  # noqa: E402
+from vqa.utils.project import CONFIG_DIR  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+SECTIONS = ("fusions", "overhead", "pipeline", "scaling", "gpu")
+# Peak dense bf16 tensor-core FLOP/s by device name (first substring match wins; NVIDIA specs).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.4e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.4e12),
+    ("A100", 312e12),
+)
+FLOP_METHOD = (
+    "torch.utils.flop_counter.FlopCounterMode over one training step's forward + backward "
+    "(eager, optimizer excluded): matmul, convolution and attention kernels, 2 FLOPs per "
+    "multiply-add; elementwise ops and norms are not counted. MFU = FLOPs/step x steps/s / peak "
+    "dense bf16 FLOP/s of the device."
+)
+MEMORY_METHOD_CPU = (
+    "CPU: peak tensor memory = the largest total size of live tensor storages during one training "
+    "step (parameters, gradients, optimizer state, batch and activations), tracked op by op with a "
+    "TorchDispatchMode (allocator slack and library scratch buffers are not seen). With isolation, "
+    "also peak RSS (ru_maxrss) of a fresh process forked per configuration from a forkserver that "
+    "only imported the libraries, and its increase over that process's starting RSS."
+)
+MEMORY_METHOD_CUDA = (
+    "CUDA: torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats."
+)
+
+
+# ------------------------------------------------------------------------------- sizes
+
+
+@dataclass
+class Sizes:
+    """Every size the sections use; ``quick`` shrinks them for tests."""
+
+    base_overrides: list[str]
+    warmup: int = 2  # section 1 untimed steps
+    steps: int = 8  # section 1 timed steps
+    overhead_warmup: int = 4
+    overhead_steps: int = 24
+    loader_batches: int = 40
+    scale_batch: int = 8
+    scale_channels: tuple[int, ...] = (1024, 2048)
+    scale_text_dim: int = 768
+    scale_hidden: int | None = None  # None: each block's yaml
+    grids: tuple[int, ...] = (7, 14, 28)
+    lengths: tuple[int, ...] = (14, 28, 56)
+    top_k: int = 16
+    scale_warmup: int = 1
+    gpu_overrides: list[str] = field(
+        default_factory=lambda: [
+            "model/visual=resnet101",
+            "model/text=bert_base_random",
+            "data.image_size=448",
+            "model.visual.channels_last=true",
+            "trainer=gpu",
+        ]
+    )
+    gpu_batch: int = 32
+    gpu_questions_per_image: int = 1
+    gpu_length: int = 14
+    gpu_vocab: int = 30522  # bert-base-uncased
+    gpu_answers: int = 3129  # VQA v2
+    gpu_warmup: int = 5
+    gpu_steps: int = 20
+
+
+QUICKSTART = ["experiment=quickstart"]
+# Tiny composition for tests (mirrors tests/helpers.py TINY_* so a test session's data is reused).
+TINY = [
+    "experiment=quickstart",
+    "model/visual=resnet18",
+    "fusion.hidden_dim=32",
+    "head.hidden_dim=32",
+    "data.source.num_train_images=8",
+    "data.source.num_val_images=4",
+    "data.source.num_test_images=2",
+    "data.source.questions_per_image=4",
+    "data.source.image_size=32",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+]
+
+
+def make_sizes(quick: bool) -> Sizes:
+    if not quick:
+        return Sizes(base_overrides=list(QUICKSTART))
+    return Sizes(
+        base_overrides=list(TINY),
+        warmup=1,
+        steps=2,
+        overhead_warmup=1,
+        overhead_steps=4,
+        loader_batches=3,
+        scale_batch=2,
+        scale_channels=(16, 32),
+        scale_text_dim=16,
+        scale_hidden=16,
+        grids=(2, 4),
+        lengths=(4, 8),
+        top_k=2,
+        scale_warmup=0,
+        gpu_overrides=[
+            "model/visual=resnet18",
+            "model/text=bert_tiny",
+            "data.image_size=32",
+            "fusion.hidden_dim=32",
+            "head.hidden_dim=32",
+            "model.visual.channels_last=true",
+            "trainer=gpu",
+            "trainer.accelerator=cpu",
+        ],
+        gpu_batch=4,
+        gpu_questions_per_image=2,
+        gpu_length=6,
+        gpu_vocab=100,
+        gpu_answers=16,
+        gpu_warmup=1,
+        gpu_steps=2,
+    )
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def compose_config(
+    overrides: Sequence[str], workdir: Path, config_name: str = "train"
+) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` as the CLI would, outputs under ``workdir``."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(
+            config_name=config_name,
+            overrides=[*overrides, "extras.print_config=false"],
+            return_hydra_config=True,
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(workdir)
+        cfg.hydra.runtime.output_dir = str(workdir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)  # `${hydra:...}` interpolations resolve
+    return cfg
+
+
+def describe(cfg: DictConfig) -> dict[str, Any]:
+    """The composed settings a reader needs to know which quick-start was measured."""
+    choices = cfg.hydra.runtime.choices
+    return {
+        "fusion": choices["fusion"],
+        "fusion_hidden_dim": cfg.fusion.get("hidden_dim"),
+        "visual": choices["model/visual"],
+        "visual_stages": list(cfg.model.visual.stages),
+        "visual_freeze": cfg.model.visual.freeze,
+        "text": choices["model/text"],
+        "image_size": cfg.data.image_size,
+        "batch_size": cfg.data.batch_size,
+        "group_by_image": cfg.data.group_by_image,
+        "num_workers": cfg.data.num_workers,
+        "precision": str(cfg.trainer.precision),
+    }
+
+
+def fusion_names(selected: Sequence[str] | None) -> list[str]:
+    names = sorted(p.stem for p in CONFIG_DIR.glob("fusion/*.yaml"))
+    if selected:
+        if unknown := sorted(set(selected) - set(names)):
+            raise SystemExit(f"unknown fusion(s) {unknown}; have {names}")
+        names = [n for n in names if n in selected]
+    return names
+
+
+QUIET_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch")
+
+
+def quiet() -> None:
+    """Lightning's per-fit INFO banner and the dependencies' warnings would bury the tables."""
+    import warnings
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for module in ("pytorch_lightning", "lightning_fabric", "torch", "transformers", "datasets"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+# ------------------------------------------------------------------------------- batches
+
+
+def identity(batch: Any) -> Any:
+    return batch
+
+
+def in_memory_loader(batches: Sequence[dict[str, Any]]) -> DataLoader:
+    """Prepared batches served as they are (both loops draw the same one RNG value when they
+    create its iterator, so their random streams stay aligned)."""
+    return DataLoader(list(batches), batch_size=None, collate_fn=identity)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def collect_batches(datamodule: pl.LightningDataModule, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` training batches (epochs repeat when the split is smaller), with the
+    datamodule's after-transfer cast applied (cached float16 maps -> float32)."""
+    batches: list[dict[str, Any]] = []
+    while len(batches) < count:
+        for batch in datamodule.train_dataloader():
+            batches.append(datamodule.on_after_batch_transfer(batch, 0))
+            if len(batches) == count:
+                break
+    return batches
+
+
+def num_samples(batch: dict[str, Any]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------- bare loop
+
+
+def autocast_context(
+    precision: str | int, device: torch.device
+) -> contextlib.AbstractContextManager:
+    """The autocast Lightning's precision plugin wraps ``training_step`` in."""
+    precision = str(precision)
+    if precision in ("32-true", "32"):
+        return contextlib.nullcontext()
+    if precision in ("bf16-mixed", "16-mixed"):
+        # Lightning falls back to bf16 for 16-mixed on CPU, and disables the autocast cache.
+        half = precision == "16-mixed" and device.type == "cuda"
+        dtype = torch.float16 if half else torch.bfloat16
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+    raise ValueError(f"the bare loop supports 32-true, bf16-mixed and 16-mixed, not {precision!r}")
+
+
+def configure_optimization(
+    module: VQALitModule, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """What ``VQALitModule.configure_optimizers`` builds, for a run of ``total_steps`` steps:
+    AdamW over the module's parameter groups (LR scaled per group), cosine with warm-up."""
+    optimizer = module.optimizer_factory(params=module.parameter_groups())
+    for group in optimizer.param_groups:
+        group["lr"] *= group["lr_scale"]
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(module.hparams.warmup_fraction * total_steps),
+        num_training_steps=total_steps,
+        min_lr_rate=module.hparams.min_lr_ratio,
+    )
+    return optimizer, scheduler
+
+
+class BareLoop:
+    """One training step of ``VQALitModule`` under the Trainer, in plain PyTorch.
+
+    Same order as Lightning's automatic optimisation: forward (modality dropout, model, loss)
+    under the precision's autocast, zero_grad, backward, unscale (16-mixed), clip the norm of
+    every optimised parameter's gradient, optimizer step, then the per-step LR schedule. No
+    metrics or logging: that bookkeeping is what the overhead section charges to the framework.
+    """
+
+    def __init__(
+        self,
+        module: VQALitModule,
+        total_steps: int,
+        clip_val: float | None,
+        precision: str | int,
+        device: torch.device,
+    ) -> None:
+        self.module, self.device, self.precision = module, device, precision
+        self.clip_val = clip_val
+        self.optimizer, self.scheduler = configure_optimization(module, total_steps)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        half = str(precision) == "16-mixed" and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if half else None
+
+    def forward_backward(self, batch: dict[str, Any]) -> Tensor:
+        module = self.module
+        with autocast_context(self.precision, self.device):
+            drop = module.sample_modality_dropout(batch["input_ids"].shape[0])
+            out = module(batch, **drop)
+            loss = module.compute_loss(out.logits, batch["targets"])
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_val:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_val)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+
+    def step(self, batch: dict[str, Any]) -> Tensor:
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return loss
+
+
+def bare_fit(
+    module: VQALitModule,
+    batches: Sequence[dict[str, Any]],
+    *,
+    clip_val: float | None,
+    precision: str | int,
+    device: torch.device,
+) -> list[float]:
+    """Train on every batch once; returns the start time of each step (after fetching it)."""
+    module.to(device).train()
+    loop = BareLoop(module, len(batches), clip_val, precision, device)
+    starts = []
+    with torch.enable_grad():
+        for batch in in_memory_loader(batches):
+            batch = to_device(batch, device)
+            synchronize(device)
+            starts.append(time.perf_counter())
+            loop.step(batch)
+    synchronize(device)
+    starts.append(time.perf_counter())
+    return starts
+
+
+# ------------------------------------------------------------------------------- Lightning run
+
+
+class StepTimer(pl.Callback):
+    """Start time of every training batch (after Lightning fetched and transferred it)."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int
+    ) -> None:
+        synchronize(pl_module.device)
+        self.starts.append(time.perf_counter())
+
+
+def lightning_fit(
+    cfg: DictConfig,
+    module: VQALitModule,
+    batches: Sequence[dict[str, Any]],
+    workdir: Path,
+    *,
+    user_callbacks: bool = True,
+) -> tuple[list[float], pl.Trainer]:
+    """``trainer.fit`` on exactly ``batches``, built from the project's trainer config.
+
+    ``user_callbacks``: the run's callbacks and logger as configured (checkpointing, LR monitor,
+    progress bar, model summary, CSV logger); otherwise none of them. Always: no validation
+    (``limit_val_batches=0``, no sanity check) and ``max_steps=len(batches)``, because the bare
+    loop neither validates nor runs past the batches.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(workdir)
+    timer = StepTimer()
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), timer] if user_callbacks else [timer]
+    loggers = instantiate_loggers(cfg.get("logger")) if user_callbacks else []
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        max_steps=len(batches),
+        max_epochs=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=user_callbacks,
+        enable_progress_bar=user_callbacks,
+        enable_model_summary=user_callbacks,
+        default_root_dir=str(workdir),
+    )
+    # Progress bar and model summary to stderr: stdout carries the benchmark's tables.
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.fit(module, train_dataloaders=in_memory_loader(batches))
+    for lg in loggers:
+        lg.finalize("success")
+    return timer.starts, trainer
+
+
+def steady_rate(starts: Sequence[float], batches: Sequence[dict[str, Any]], warmup: int) -> dict:
+    """Samples/s from the start of batch ``warmup`` to the start of the last batch.
+
+    Start-to-start periods hold everything a loop does per step (fetch, transfer, hooks,
+    logging, step); the last batch is left out because a fit's end (checkpoint, logger
+    flush) is a one-off, not a per-step cost.
+    """
+    last = len(batches) - 1
+    if last <= warmup or len(starts) < last + 1:
+        raise ValueError(f"need more than {warmup + 1} batches with timestamps to time")
+    seconds = starts[last] - starts[warmup]
+    samples = sum(num_samples(b) for b in batches[warmup:last])
+    return {
+        "samples": samples,
+        "steps": last - warmup,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+    }
+
+
+# ------------------------------------------------------------------------------- memory
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Peak total size of live tensor storages while active.
+
+    ``existing`` tensors (parameters, optimizer state, the batch) count from the start and until
+    they are freed; every storage an op creates counts until it is freed (weakref finalizer on
+    the storage, whose Python object lives exactly as long as the storage). Views and in-place
+    results add nothing. Works on any device; what allocators keep cached is not counted.
+    """
+
+    def __init__(self, existing: Iterable[Tensor] = ()) -> None:
+        super().__init__()
+        self.sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.finalizers: list[weakref.finalize] = []
+        self.live = 0
+        self.peak = 0
+        for tensor in existing:
+            self._track(tensor)
+        self.start = self.live
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def _track(self, tensor: Any) -> None:
+        if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse / opaque tensors have none
+            return
+        if storage in self.sizes:
+            return
+        nbytes = storage.nbytes()
+        self.sizes[storage] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        self.finalizers.append(weakref.finalize(storage, self._release, nbytes))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            self._track(tensor)
+        return out
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for finalizer in self.finalizers:  # parameters outlive the tracker: let it go
+            finalizer.detach()
+        self.finalizers.clear()
+
+    @property
+    def increase(self) -> int:
+        """Peak above what was live at the start (activations, gradients, temporaries)."""
+        return self.peak - self.start
+
+
+def state_tensors(*objects: Any) -> list[Tensor]:
+    """Every tensor held by modules (parameters, gradients, buffers), optimizers (state) and
+    nested batch containers."""
+    found: list[Tensor] = []
+    for obj in objects:
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                found.append(p)
+                if p.grad is not None:
+                    found.append(p.grad)
+            found.extend(obj.buffers())
+        elif isinstance(obj, torch.optim.Optimizer):
+            found.extend(t for s in obj.state.values() for t in tree_leaves(s))
+        else:
+            found.extend(t for t in tree_leaves(obj) if isinstance(t, Tensor))
+    return found
+
+
+def mib(nbytes: float | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
+
+
+def rss_mib() -> float:
+    """Current resident set size (Linux), MiB."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (loader and extraction workers)."""
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds all processes on the machine have used since boot (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------- section 1
+
+
+def fusion_overrides(sizes: Sizes, fusion: str, path: str, feature_dir: Path | None) -> list[str]:
+    overrides = [*sizes.base_overrides, f"fusion={fusion}", "data.num_workers=0"]
+    if path == "cached":
+        overrides += [
+            "model.visual.freeze=all",
+            "data.features=cached",
+            f"data.feature_dir={feature_dir}",
+            # only the training split's store is built: the validation loader is never timed
+            "data.val_split=${data.train_split}",
+        ]
+    return overrides
+
+
+def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
+    """Training-step throughput and peak memory of one composed configuration, batches in
+    memory (the loader's own rate is the pipeline section). Runs in-process or in a fresh
+    forkserver child (``spec['isolated']``)."""
+    start_rss = rss_mib()
+    torch.set_num_threads(spec["threads"])
+    quiet()
+    device = torch.device(spec["device"])
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        cfg = compose_config(spec["overrides"], Path(tmp))
+        pl.seed_everything(cfg.seed, verbose=False)
+        datamodule, module = build_components(cfg)
+        module.to(device).train()
+        warmup, steps = spec["warmup"], spec["steps"]
+        batches = [to_device(b, device) for b in collect_batches(datamodule, warmup + steps)]
+        loop = BareLoop(
+            module, warmup + steps + 1, cfg.trainer.gradient_clip_val, cfg.trainer.precision, device
+        )
+        for batch in batches[:warmup]:
+            loop.step(batch)
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        begin = time.perf_counter()
+        for batch in batches[warmup:]:
+            loop.step(batch)
+        synchronize(device)
+        seconds = time.perf_counter() - begin
+        samples = sum(num_samples(b) for b in batches[warmup:])
+        images = sum(
+            int((b.get("images") if "images" in b else b["visual_features"][0]).shape[0])
+            for b in batches[warmup:]
+        )
+        result: dict[str, Any] = {
+            "samples_per_s": samples / seconds,
+            "images_per_s": images / seconds,
+            "step_ms": 1000 * seconds / steps,
+            "batch_questions": samples / steps,
+            "batch_images": images / steps,
+            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "visual_frozen": not any(p.requires_grad for p in module.net.visual.parameters()),
+        }
+        if device.type == "cuda":
+            result["peak_memory_mib"] = mib(torch.cuda.max_memory_allocated(device))
+        else:
+            batch = batches[0]
+            with TensorMemoryTracker(state_tensors(module, loop.optimizer, batch)) as tracker:
+                loop.step(batch)
+            result["peak_memory_mib"] = mib(tracker.peak)
+        if spec.get("isolated"):
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+            result["peak_rss_mib"] = max_rss_mib()
+            result["rss_increase_mib"] = max_rss_mib() - start_rss
+    return result
+
+
+def _forkserver_pool() -> ProcessPoolExecutor:
+    """One fresh process per task, forked from a server that only imported the libraries: no
+    configuration's memory or threads leak into the next, and each skips ~20 s of imports."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "pytorch_lightning", "transformers", "vqa.train"])
+    return ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
+
+
+def run_specs(specs: list[dict[str, Any]], isolate: bool) -> list[dict[str, Any]]:
+    if not isolate:
+        return [measure_training(spec) for spec in specs]
+    with _forkserver_pool() as pool:
+        return [
+            pool.submit(measure_training, {**spec, "isolated": True}).result() for spec in specs
+        ]
+
+
+def build_feature_store(sizes: Sizes, workdir: Path, threads: int) -> dict[str, Any]:
+    """The frozen encoder's training-split store, written by the project's extractor."""
+    from scripts.extract_features import extract
+
+    feature_dir = workdir / "features"
+    cfg = compose_config(
+        [
+            *sizes.base_overrides,
+            "model.visual.freeze=all",
+            f"data.feature_dir={feature_dir}",
+            "extract.splits=[${data.train_split}]",
+            "extract.progress=false",
+            "extract.device=cpu",
+        ],
+        workdir / "extract",
+        config_name="extract_features",
+    )
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(sys.stderr):  # its rich table: keep stdout for ours
+        (report,) = extract(cfg)
+    return {
+        "feature_dir": str(feature_dir),
+        "images": report.num_images,
+        "extract_images_per_s": report.images_per_second,
+        "kib_per_image": report.bytes_per_image / 1024,
+    }
+
+
+def section_fusions(ctx: Context) -> dict[str, Any]:
+    store = ctx.feature_store()
+    specs = []
+    for fusion in ctx.fusions:
+        for path in ("images", "cached"):
+            specs.append(ctx.spec(fusion_overrides(ctx.sizes, fusion, path, store["feature_dir"])))
+            specs[-1]["label"] = (fusion, path)
+    results = run_specs(specs, ctx.isolate)
+    rows = [
+        {"fusion": spec["label"][0], "path": spec["label"][1], **result}
+        for spec, result in zip(specs, results, strict=True)
+    ]
+    return {
+        "config": " ".join([*ctx.sizes.base_overrides, "fusion=<name>"]),
+        "cached_note": (
+            "the quick-start trains its visual encoder, so the cached rows run with "
+            "model.visual.freeze=all (the encoder is skipped: its stage maps come from the store)"
+        ),
+        "feature_store": store,
+        "warmup_steps": ctx.sizes.warmup,
+        "timed_steps": ctx.sizes.steps,
+        "isolated": ctx.isolate,
+        "memory_method": MEMORY_METHOD_CUDA if ctx.device.type == "cuda" else MEMORY_METHOD_CPU,
+        "rows": rows,
+    }
+
+
+# ------------------------------------------------------------------------------- section 2
+
+
+def section_overhead(ctx: Context) -> dict[str, Any]:
+    """Interleaved Lightning / bare runs (ABBA order), each from the same initial weights."""
+    sizes = ctx.sizes
+    cfg = compose_config([*sizes.base_overrides, "data.num_workers=0"], ctx.workdir / "overhead")
+    if ctx.device.type == "cuda":
+        with open_dict(cfg):
+            cfg.trainer.accelerator, cfg.trainer.devices = "gpu", 1
+    pl.seed_everything(cfg.seed, verbose=False)
+    datamodule, module = build_components(cfg)
+    batches = collect_batches(datamodule, sizes.overhead_warmup + sizes.overhead_steps + 1)
+    initial = copy.deepcopy(module.state_dict())
+    runs: list[dict[str, Any]] = []
+    for pair in range(ctx.repeats):
+        order = ("lightning", "bare") if pair % 2 == 0 else ("bare", "lightning")
+        for kind in order:
+            module.load_state_dict(initial)
+            torch.manual_seed(cfg.seed)
+            gc.collect()
+            if kind == "lightning":
+                starts, _ = lightning_fit(cfg, module, batches, ctx.workdir / f"overhead/run{pair}")
+            else:
+                starts = bare_fit(
+                    module,
+                    batches,
+                    clip_val=cfg.trainer.gradient_clip_val,
+                    precision=cfg.trainer.precision,
+                    device=ctx.device,
+                )
+            runs.append(
+                {"kind": kind, "pair": pair, **steady_rate(starts, batches, sizes.overhead_warmup)}
+            )
+            log.info("overhead %s %d: %.1f samples/s", kind, pair, runs[-1]["samples_per_s"])
+    lightning = statistics.median(r["samples_per_s"] for r in runs if r["kind"] == "lightning")
+    bare = statistics.median(r["samples_per_s"] for r in runs if r["kind"] == "bare")
+    ratio = lightning / bare
+    return {
+        "config": " ".join(sizes.base_overrides),
+        "trainer": {
+            "precision": str(cfg.trainer.precision),
+            "gradient_clip_val": cfg.trainer.gradient_clip_val,
+            "log_every_n_steps": cfg.trainer.log_every_n_steps,
+            "callbacks": sorted(k for k, v in (cfg.get("callbacks") or {}).items() if v),
+            "logger": sorted(k for k, v in (cfg.get("logger") or {}).items() if v),
+        },
+        "disabled": "validation (limit_val_batches=0, no sanity check): the bare loop does not "
+        "validate; the fit's end (last checkpoint, logger flush) is outside the timed window",
+        "timed_steps": sizes.overhead_steps,
+        "warmup_steps": sizes.overhead_warmup,
+        "pairs": ctx.repeats,
+        "progress_bar_on_terminal": sys.stderr.isatty(),  # rich renders live only on a TTY
+        "lightning_samples_per_s": lightning,
+        "bare_samples_per_s": bare,
+        "ratio": ratio,
+        "overhead_percent": 100 * (bare / lightning - 1),
+        "goal_percent": 5.0,
+        "runs": runs,
+    }
+
+
+# ------------------------------------------------------------------------------- section 3
+
+
+def loader_rate(overrides: Sequence[str], batches: int, workdir: Path) -> dict[str, Any]:
+    """Samples/s of the training loader alone (worker start-up reported apart)."""
+    cfg = compose_config(overrides, workdir)
+    pl.seed_everything(cfg.seed, verbose=False)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    begin = time.perf_counter()
+    iterator = iter(loader)
+    next(iterator)
+    first = time.perf_counter()
+    samples = 0
+    for _ in range(batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            batch = next(iterator)
+        batch = datamodule.on_after_batch_transfer(batch, 0)
+        samples += num_samples(batch)
+    seconds = time.perf_counter() - first
+    del iterator, loader
+    gc.collect()
+    return {
+        "num_workers": int(cfg.data.num_workers),
+        "startup_s": first - begin,
+        "samples_per_s": samples / seconds,
+    }
+
+
+def section_pipeline(ctx: Context, fusion_rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Loader rate vs the training step's consumption rate, images and cached."""
+    sizes = ctx.sizes
+    fusion = ctx.default_fusion
+    store = ctx.feature_store()
+    model = {r["path"]: r for r in fusion_rows or [] if r["fusion"] == fusion}
+    model_runs = []
+    if len(model) < 2:  # the fusions section did not run this fusion: measure it here
+        specs = [
+            ctx.spec(fusion_overrides(sizes, fusion, p, store["feature_dir"]))
+            for p in ("images", "cached")
+        ]
+        model_runs = run_specs(specs, ctx.isolate)
+        model = dict(zip(("images", "cached"), model_runs, strict=True))
+    rows = []
+    for path in ("images", "cached"):
+        overrides = [
+            o
+            for o in fusion_overrides(sizes, fusion, path, store["feature_dir"])
+            if not o.startswith("data.num_workers")
+        ]
+        loader = loader_rate(overrides, sizes.loader_batches, ctx.workdir / f"loader-{path}")
+        rate = model[path]["samples_per_s"]
+        rows.append(
+            {
+                "path": path,
+                "num_workers": loader["num_workers"],
+                "loader_startup_s": loader["startup_s"],
+                "loader_samples_per_s": loader["samples_per_s"],
+                "model_samples_per_s": rate,
+                "ratio": loader["samples_per_s"] / rate,
+            }
+        )
+    return {
+        "fusion": fusion,
+        "goal_ratio": 3.0,
+        "note": "loader alone (its num_workers from the config, main process idle) vs training "
+        "steps with batches already in memory (section fusions); ratio = loader / model",
+        "rows": rows,
+        "model_runs": model_runs,
+    }
+
+
+# ------------------------------------------------------------------------------- section 4
+
+
+def build_block(fusion: str, sizes: Sizes, top_k: int | None) -> nn.Module:
+    cfg = OmegaConf.load(CONFIG_DIR / "fusion" / f"{fusion}.yaml")
+    if sizes.scale_hidden is not None:
+        cfg.hidden_dim = sizes.scale_hidden
+    if "top_k" in cfg:
+        cfg.top_k = top_k
+    return instantiate(cfg)(
+        visual_channels=list(sizes.scale_channels), text_dim=sizes.scale_text_dim
+    )
+
+
+def block_inputs(sizes: Sizes, grid: int, length: int, device: torch.device) -> tuple:
+    """Encoder-shaped random inputs (they require grad, as with fine-tuned encoders); each
+    shallower stage is twice as fine as the next, as in a ResNet."""
+    depth = len(sizes.scale_channels)
+    visual = [
+        torch.randn(
+            sizes.scale_batch,
+            c,
+            grid * 2 ** (depth - 1 - i),
+            grid * 2 ** (depth - 1 - i),
+            device=device,
+            requires_grad=True,
+        )
+        for i, c in enumerate(sizes.scale_channels)
+    ]
+    text = torch.randn(
+        sizes.scale_batch, length, sizes.scale_text_dim, device=device, requires_grad=True
+    )
+    return visual, text, torch.ones(sizes.scale_batch, length, dtype=torch.bool, device=device)
+
+
+def block_step(block: nn.Module, inputs: tuple) -> None:
+    block.zero_grad(set_to_none=True)
+    for t in [*inputs[0], inputs[1]]:
+        t.grad = None
+    block(*inputs).features.sum().backward()
+
+
+def block_step_memory(block: nn.Module, inputs: tuple, device: torch.device) -> int:
+    """Bytes a forward + backward adds on top of parameters and inputs (activations, gradients,
+    temporaries) at its peak."""
+    block.zero_grad(set_to_none=True)
+    for t in [*inputs[0], inputs[1]]:
+        t.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        block_step(block, inputs)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with TensorMemoryTracker(state_tensors(block, inputs)) as tracker:
+        block_step(block, inputs)
+    return tracker.increase
+
+
+def section_scaling(ctx: Context) -> dict[str, Any]:
+    sizes, device = ctx.sizes, ctx.device
+    grid0, length0 = sizes.grids[0], sizes.lengths[0]
+    settings = [(g, length0) for g in sizes.grids] + [(grid0, n) for n in sizes.lengths[1:]]
+    rows = []
+    for fusion in ctx.fusions:
+        has_top_k = "top_k" in OmegaConf.load(CONFIG_DIR / "fusion" / f"{fusion}.yaml")
+        for top_k in [None, sizes.top_k] if has_top_k else [None]:
+            torch.manual_seed(0)
+            block = build_block(fusion, sizes, top_k).to(device).train()
+            inputs = [block_inputs(sizes, g, n, device) for g, n in settings]
+            samples: list[list[float]] = [[] for _ in settings]
+            # Settings interleaved within every repeat: drifting load hits all alike.
+            for repeat in range(sizes.scale_warmup + ctx.scale_repeats):
+                for x, sample in zip(inputs, samples, strict=True):
+                    synchronize(device)
+                    begin = time.perf_counter()
+                    block_step(block, x)
+                    synchronize(device)
+                    if repeat >= sizes.scale_warmup:
+                        sample.append(1000 * (time.perf_counter() - begin))
+            memory = [block_step_memory(block, x, device) for x in inputs]
+            for (grid, length), sample, nbytes in zip(settings, samples, memory, strict=True):
+                rows.append(
+                    {
+                        "fusion": fusion,
+                        "attention": "no top_k option"
+                        if not has_top_k
+                        else ("dense" if top_k is None else f"top-{top_k}"),
+                        "top_k": top_k,
+                        "grid": grid,
+                        "length": length,
+                        "ms": statistics.median(sample),
+                        "memory_mib": mib(nbytes),
+                        "params": sum(p.numel() for p in block.parameters()),
+                        "out_dim": block.out_dim,
+                    }
+                )
+            del block, inputs
+            log.info("scaling: %s top_k=%s done", fusion, top_k)
+    return {
+        "batch": sizes.scale_batch,
+        "channels": list(sizes.scale_channels),
+        "text_dim": sizes.scale_text_dim,
+        "hidden_dim": sizes.scale_hidden or "per yaml",
+        "repeats": ctx.scale_repeats,
+        "base": {"grid": grid0, "length": length0},
+        "settings": [{"grid": g, "length": n} for g, n in settings],
+        "note": "fusion block alone, forward + backward in train mode, random encoder-shaped "
+        "inputs (all tokens real); ms = median over repeats, settings interleaved; memory = peak "
+        "above parameters and inputs (activations, gradients, temporaries). top-k "
+        "(vqa.models.fusion.base.keep_top_k) masks all but the k largest logits after every "
+        "logit is computed: it changes which cells are attended, not how many are scored.",
+        "rows": rows,
+    }
+
+
+# ------------------------------------------------------------------------------- section 5
+
+
+CPU_SDPA_FLOPS = {
+    # The CPU fused attention kernels are not in torch's flop registry; they do the same math.
+    # (__wrapped__: the raw formulas; FlopCounterMode adds its own shape wrapper.)
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop.__wrapped__,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        sdpa_backward_flop.__wrapped__
+    ),
+}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matmul/conv/attention kernels ``fn`` runs (its backward included)."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_flops(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return platform.processor() or "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def synthetic_batches(
+    sizes: Sizes, image_size: int, device: torch.device, channels_last: bool, count: int = 2
+) -> list[dict[str, Any]]:
+    """Random in-memory VQA batches of the real shapes: the GPU figures then measure the model,
+    not JPEG decoding on this machine's CPUs (the pipeline section measures that)."""
+    gen = torch.Generator().manual_seed(0)
+    b, per_image, n = sizes.gpu_batch, sizes.gpu_questions_per_image, sizes.gpu_length
+    images = math.ceil(b / per_image)
+    batches = []
+    for _ in range(count):
+        pixels = torch.randn(images, 3, image_size, image_size, generator=gen)
+        if channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        lengths = torch.randint(4, n + 1, (b,), generator=gen)
+        mask = (torch.arange(n) < lengths[:, None]).long()
+        low = 1000 if sizes.gpu_vocab > 2000 else 1  # past BERT's [unused]/special ids
+        input_ids = torch.randint(low, sizes.gpu_vocab, (b, n), generator=gen) * mask
+        targets = torch.zeros(b, sizes.gpu_answers)
+        targets[torch.arange(b), torch.randint(0, sizes.gpu_answers, (b,), generator=gen)] = 1.0
+        batch = {
+            "images": pixels,
+            "image_index": torch.arange(b) // per_image,
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "targets": targets,
+            "question_id": torch.arange(b),
+            "answers": [["a0"] * 10 for _ in range(b)],
+            "answer_type": ["other"] * b,
+            "question_type": ["what"] * b,
+        }
+        batches.append(to_device(batch, device))
+    return batches
+
+
+def section_gpu(ctx: Context) -> dict[str, Any]:
+    """ResNet-101 @ 448 + bert-base (random init) end to end, bare loop and Lightning."""
+    smoke = ctx.gpu_smoke
+    if ctx.device.type != "cuda" and not smoke:
+        return {"skipped": "no CUDA"}
+    device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    sizes = ctx.sizes
+    fusion = ctx.gpu_fusion
+    overrides = [*sizes.gpu_overrides, f"fusion={fusion}"]
+    if device.type == "cuda":
+        overrides.append("trainer.accelerator=gpu")
+    cfg = compose_config(overrides, ctx.workdir / "gpu")
+    pl.seed_everything(cfg.seed, verbose=False)
+    net = instantiate(cfg.model, num_answers=sizes.gpu_answers, vocab_size=sizes.gpu_vocab)
+    module = instantiate(cfg.module)(
+        net=net,
+        answer_vocab=[f"a{i}" for i in range(sizes.gpu_answers)],
+        question_types=["what"],
+    )
+    module.to(device).train()
+    precision = str(cfg.trainer.precision)
+    image_size = int(cfg.data.image_size)
+    channels_last = bool(cfg.model.visual.channels_last)
+    batches = synthetic_batches(sizes, image_size, device, channels_last)
+    total = sizes.gpu_warmup + sizes.gpu_steps
+    loop = BareLoop(module, total + 2, cfg.trainer.gradient_clip_val, precision, device)
+    # Counted once, eagerly (FlopCounterMode does not see inside compiled graphs).
+    flops = count_flops(functools.partial(loop.forward_backward, batches[0]))
+    loop.optimizer.zero_grad(set_to_none=True)
+    if ctx.compile:
+        module.net.compile()
+    device_name, peak = peak_flops(device)
+
+    def summary(samples_per_s: float, steps_per_s: float, memory: float | None) -> dict:
+        return {
+            "samples_per_s": samples_per_s,
+            "step_ms": 1000 / steps_per_s,
+            "achieved_tflops": flops * steps_per_s / 1e12,
+            "mfu": None if peak is None else flops * steps_per_s / peak,
+            "peak_memory_mib": memory,
+        }
+
+    # bare loop
+    for i in range(sizes.gpu_warmup):
+        loop.step(batches[i % len(batches)])
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    begin = time.perf_counter()
+    for i in range(sizes.gpu_steps):
+        loop.step(batches[i % len(batches)])
+    synchronize(device)
+    seconds = time.perf_counter() - begin
+    if device.type == "cuda":
+        memory = mib(torch.cuda.max_memory_allocated(device))
+    elif ctx.compile:  # a dispatch mode does not see into compiled graphs
+        memory = None
+    else:  # the CPU smoke run: the tracker of the fusions section
+        with TensorMemoryTracker(state_tensors(module, loop.optimizer, batches[0])) as tracker:
+            loop.step(batches[0])
+        memory = mib(tracker.peak)
+    bare = summary(sizes.gpu_batch * sizes.gpu_steps / seconds, sizes.gpu_steps / seconds, memory)
+    del loop
+    gc.collect()
+
+    # the Lightning module under the project's GPU trainer config (callbacks/logger off)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    stream = [batches[i % len(batches)] for i in range(total + 1)]
+    starts, _ = lightning_fit(
+        cfg, module, stream, ctx.workdir / "gpu/lightning", user_callbacks=False
+    )
+    rate = steady_rate(starts, stream, sizes.gpu_warmup)
+    memory = mib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    lightning = summary(rate["samples_per_s"], rate["steps"] / rate["seconds"], memory)
+    return {
+        "smoke": smoke,
+        "device": device_name,
+        "peak_bf16_flops": peak,
+        "config": " ".join(overrides),
+        "precision": precision,
+        "channels_last": channels_last,
+        "compile": ctx.compile,
+        "image_size": image_size,
+        "batch_questions": sizes.gpu_batch,
+        "batch_images": math.ceil(sizes.gpu_batch / sizes.gpu_questions_per_image),
+        "question_tokens": sizes.gpu_length,
+        "flops_per_step": flops,
+        "flop_method": FLOP_METHOD,
+        "note": "synthetic in-memory batches (random pixels, token ids and targets of the real "
+        "shapes), so the figures measure the model on the GPU, not JPEG decoding; Lightning run "
+        "without callbacks/logger/progress bar; MFU null where the device has no peak in the table",
+        "bare": bare,
+        "lightning": lightning,
+    }
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Context:
+    sizes: Sizes
+    fusions: list[str]
+    device: torch.device
+    threads: int
+    repeats: int
+    scale_repeats: int
+    isolate: bool
+    workdir: Path
+    default_fusion: str
+    gpu_fusion: str
+    gpu_smoke: bool
+    compile: bool
+    _store: dict[str, Any] | None = None
+
+    def spec(self, overrides: list[str]) -> dict[str, Any]:
+        return {
+            "overrides": overrides,
+            "threads": self.threads,
+            "device": str(self.device),
+            "warmup": self.sizes.warmup,
+            "steps": self.sizes.steps,
+        }
+
+    def feature_store(self) -> dict[str, Any]:
+        if self._store is None:
+            self._store = build_feature_store(self.sizes, self.workdir, self.threads)
+        return self._store
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(SECTIONS),
+        help=f"any of {', '.join(SECTIONS)} (or 1-5); default all",
+    )
+    parser.add_argument("--fusions", nargs="+", help="fusion names (default: every yaml)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "logs" / "bench",
+        help="folder for benchmark.json and benchmark.md",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="interleaved Lightning/bare pairs (default 5; quick 2)"
+    )
+    parser.add_argument(
+        "--scale-repeats",
+        type=int,
+        help="timed passes per scaling setting, median kept (default 3; quick 1)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads in every process (default 1: on a CPU shared with other "
+        "jobs, OpenMP threads waiting on a descheduled peer slow steps by up to 40x; pass the "
+        "core count on a quiet machine)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one fresh process per fusion configuration (default: on, off with --quick)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="paths.data_dir (default: the project's data/; with --quick a temporary folder)",
+    )
+    parser.add_argument(
+        "--gpu-smoke",
+        action="store_true",
+        help="run the gpu section's code on CPU at tiny size when there is no CUDA",
+    )
+    parser.add_argument("--gpu-fusion", default="parallel")
+    parser.add_argument("--gpu-batch-size", type=int)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (gpu)")
+    args = parser.parse_args(argv)
+    by_number = {str(i + 1): name for i, name in enumerate(SECTIONS)}
+    args.sections = [by_number.get(s, s) for s in args.sections]
+    if unknown := sorted(set(args.sections) - set(SECTIONS)):
+        parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS} or 1-5")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the chosen sections, write ``benchmark.json`` / ``benchmark.md``; returns the report."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    quiet()
+    try:
+        return run(args, argv)
+    finally:  # a caller (a test session) gets its logging back
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    set_project_root()
+    torch.set_num_threads(args.threads)
+    sizes = make_sizes(args.quick)
+    if args.gpu_smoke and not torch.cuda.is_available():
+        sizes.gpu_overrides = make_sizes(True).gpu_overrides
+        for key in (
+            "gpu_batch",
+            "gpu_questions_per_image",
+            "gpu_length",
+            "gpu_vocab",
+            "gpu_answers",
+            "gpu_warmup",
+            "gpu_steps",
+        ):
+            setattr(sizes, key, getattr(make_sizes(True), key))
+    if args.gpu_batch_size:
+        sizes.gpu_batch = args.gpu_batch_size
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    started = time.perf_counter()
+    busy_start, own_start = machine_busy_seconds(), own_cpu_seconds()
+    with tempfile.TemporaryDirectory(prefix="vqa-bench-") as tmp:
+        workdir = Path(tmp)
+        data_dir = args.data_dir or (workdir / "data" if args.quick else None)
+        if data_dir is not None:
+            sizes.base_overrides.append(f"paths.data_dir={data_dir}")
+            sizes.gpu_overrides.append(f"paths.data_dir={data_dir}")
+        setup = describe(compose_config(sizes.base_overrides, workdir))
+        ctx = Context(
+            sizes=sizes,
+            fusions=fusion_names(args.fusions),
+            device=device,
+            threads=args.threads,
+            repeats=args.repeats or (2 if args.quick else 5),
+            scale_repeats=args.scale_repeats or (1 if args.quick else 3),
+            isolate=(not args.quick) if args.isolate is None else args.isolate,
+            workdir=workdir,
+            default_fusion=setup["fusion"],
+            gpu_fusion=args.gpu_fusion,
+            gpu_smoke=args.gpu_smoke,
+            compile=args.compile,
+        )
+        results: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        for name in SECTIONS:
+            if name not in args.sections:
+                continue
+            log.info("== %s", name)
+            begin = time.perf_counter()
+            if name == "fusions":
+                results[name] = section_fusions(ctx)
+            elif name == "overhead":
+                results[name] = section_overhead(ctx)
+            elif name == "pipeline":
+                rows = results.get("fusions", {}).get("rows")
+                results[name] = section_pipeline(ctx, rows)
+            elif name == "scaling":
+                results[name] = section_scaling(ctx)
+            elif name == "gpu":
+                results[name] = section_gpu(ctx)
+            timings[name] = time.perf_counter() - begin
+        if "fusions" in results:  # the store lived in the temporary folder
+            results["fusions"]["feature_store"].pop("feature_dir", None)
+    wall = time.perf_counter() - started
+    # CPU the rest of the machine used meanwhile: shared-machine figures need it to be read.
+    child_runs = [
+        *results.get("fusions", {}).get("rows", []),
+        *results.get("pipeline", {}).get("model_runs", []),
+    ]
+    own = own_cpu_seconds() - own_start + sum(r.get("cpu_seconds", 0.0) for r in child_runs)
+    busy_end = machine_busy_seconds()
+    others = None if busy_start is None or busy_end is None else busy_end - busy_start - own
+    report = {
+        "meta": {
+            "command": shlex.join(
+                [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "quick": args.quick,
+            "threads": args.threads,
+            "cpu_count": os.cpu_count(),
+            "device": str(device),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "python": platform.python_version(),
+            "load_average": os.getloadavg(),
+            "section_seconds": timings,
+            "wall_s": wall,
+            "quickstart": setup,
+            "own_cpu_s": own,
+            "other_processes_cpu_s": others,
+            "other_processes_cores": None if others is None else max(0.0, others) / wall,
+        },
+        **results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    text = markdown(report)
+    (args.out / "benchmark.md").write_text(text)
+    print(text)
+    log.info("wrote %s and %s", args.out / "benchmark.json", args.out / "benchmark.md")
+    return report
+
+
+# ------------------------------------------------------------------------------- markdown
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> list[str]:
+    """Markdown table; ``align`` has one letter per column: l(eft) or r(ight)."""
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+    ]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _md_fusions(s: dict[str, Any]) -> list[str]:
+    rss = s["isolated"]
+    header = ["fusion", "input", "samples/s", "images/s", "ms/step", "peak tensor MiB"]
+    header += ["peak RSS MiB", "RSS increase MiB"] if rss else []
+    rows = []
+    for r in s["rows"]:
+        row = [
+            r["fusion"],
+            "cached (encoder frozen)" if r["path"] == "cached" else "images",
+            _f(r["samples_per_s"]),
+            _f(r["images_per_s"]),
+            _f(r["step_ms"]),
+            _f(r["peak_memory_mib"]),
+        ]
+        if rss:
+            row += [_f(r.get("peak_rss_mib"), 0), _f(r.get("rss_increase_mib"), 0)]
+        rows.append(row)
+    store = s["feature_store"]
+    return [
+        "## 1. Training throughput and memory per fusion block",
+        "",
+        f"`{s['config']}`; bare training steps (section 2 gives Lightning's extra cost), "
+        f"{s['timed_steps']} timed after {s['warmup_steps']} warm-up, batches already in memory; "
+        f"samples = questions. Cached: {s['cached_note']}; the store "
+        f"({store['images']} images, {_f(store['kib_per_image'])} KiB each) was written by "
+        f"scripts/extract_features.py at {_f(store['extract_images_per_s'])} img/s. "
+        f"Memory: {s['memory_method']}",
+        "",
+        *_table(header, "llrrrrrr"[: len(header)], rows),
+    ]
+
+
+def _md_overhead(s: dict[str, Any]) -> list[str]:
+    t = s["trainer"]
+    rows = [
+        [
+            kind,
+            _f(s[f"{kind}_samples_per_s"]),
+            ", ".join(_f(r["samples_per_s"]) for r in s["runs"] if r["kind"] == kind),
+        ]
+        for kind in ("lightning", "bare")
+    ]
+    verdict = "meets" if s["overhead_percent"] < s["goal_percent"] else "misses"
+    return [
+        "## 2. Framework overhead (Lightning vs bare PyTorch loop)",
+        "",
+        f"`{s['config']}`: precision {t['precision']}, gradient clip {t['gradient_clip_val']}, "
+        f"callbacks {', '.join(t['callbacks'])}, logger {', '.join(t['logger']) or 'none'} "
+        f"(log_every_n_steps {t['log_every_n_steps']}), as a user has them. Disabled: "
+        f"{s['disabled']}. {s['pairs']} interleaved pairs (ABBA), each run from the same "
+        f"initial weights, {s['timed_steps']} timed steps after {s['warmup_steps']} warm-up; "
+        "medians. The progress bar (on stderr) was "
+        f"{'drawn on a terminal' if s['progress_bar_on_terminal'] else 'not on a terminal'}.",
+        "",
+        *_table(["loop", "samples/s (median)", "runs"], "lrl", rows),
+        "",
+        f"Ratio Lightning / bare = **{s['ratio']:.3f}**: overhead "
+        f"{s['overhead_percent']:.1f} % ({verdict} the < {s['goal_percent']:.0f} % goal).",
+    ]
+
+
+def _md_pipeline(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["path"],
+            str(r["num_workers"]),
+            _f(r["loader_startup_s"], 2),
+            _f(r["loader_samples_per_s"]),
+            _f(r["model_samples_per_s"]),
+            f"{r['ratio']:.2f}×",
+        ]
+        for r in s["rows"]
+    ]
+    header = ["input", "workers", "loader start-up s", "loader samples/s", "model samples/s"]
+    return [
+        "## 3. Input pipeline vs model",
+        "",
+        f"fusion={s['fusion']}; {s['note']}. Goal: ratio ≥ {s['goal_ratio']:.0f}.",
+        "",
+        *_table([*header, "ratio"], "lrrrrr", rows),
+    ]
+
+
+def _md_scaling(s: dict[str, Any]) -> list[str]:
+    settings = [(x["grid"], x["length"]) for x in s["settings"]]
+    base = (s["base"]["grid"], s["base"]["length"])
+    labels = [f"{g}×{g}, N={n}" for g, n in settings]
+    groups: dict[tuple[str, str], dict[tuple[int, int], dict[str, Any]]] = {}
+    for r in s["rows"]:
+        groups.setdefault((r["fusion"], r["attention"]), {})[(r["grid"], r["length"])] = r
+
+    def cell(values: dict[tuple[int, int], dict[str, Any]], key: tuple[int, int], m: str) -> str:
+        value, ref = values[key][m], values[base][m]
+        ratio = f" ({value / ref:.1f}×)" if key != base and ref else ""
+        return f"{_f(value)}{ratio}"
+
+    out = [
+        "## 4. Scaling with grid and question length",
+        "",
+        f"Batch {s['batch']}, visual stage channels {s['channels']} (each stage twice as fine "
+        f"as the next), text {s['text_dim']}-d, hidden {s['hidden_dim']}; {s['note']} Grid = "
+        f"last stage; ratios against {labels[settings.index(base)]}.",
+    ]
+    for metric, title in (("ms", "ms per step"), ("memory_mib", "MiB per step")):
+        rows = [
+            [fusion, attention]
+            + ([f"{next(iter(v.values()))['params'] / 1e6:.2f}M"] if metric == "ms" else [])
+            + [cell(v, key, metric) for key in settings]
+            for (fusion, attention), v in groups.items()
+        ]
+        header = ["fusion", "attention", *(["params"] if metric == "ms" else []), *labels]
+        out += ["", f"{title}:", "", *_table(header, "ll" + "r" * (len(header) - 2), rows)]
+    return out
+
+
+def _md_gpu(s: dict[str, Any]) -> list[str]:
+    out = ["## 5. GPU end to end (ResNet-101 @ 448 + bert-base, bf16-mixed)", ""]
+    if "skipped" in s:
+        return out + _table(["mode", "result"], "ll", [["gpu", f"skipped: {s['skipped']}"]])
+    rows = []
+    for kind in ("bare", "lightning"):
+        r = s[kind]
+        rows.append(
+            [
+                kind,
+                _f(r["samples_per_s"]),
+                _f(r["step_ms"]),
+                _f(r["achieved_tflops"], 3),
+                "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %",
+                _f(r["peak_memory_mib"]),
+            ]
+        )
+    smoke = "SMOKE RUN: tiny sizes on CPU, not a GPU figure. " if s["smoke"] else ""
+    return [
+        *out,
+        f"{smoke}Device {s['device']} (peak bf16 "
+        f"{'n/a' if s['peak_bf16_flops'] is None else _f(s['peak_bf16_flops'] / 1e12)} "
+        f"TFLOP/s), `{s['config']}`, precision {s['precision']}, channels_last "
+        f"{s['channels_last']}, torch.compile {s['compile']}; {s['batch_questions']} questions "
+        f"on {s['batch_images']} images of {s['image_size']} px per step, "
+        f"{s['question_tokens']} tokens. {_f(s['flops_per_step'] / 1e9, 2)} GFLOP per step: "
+        f"{s['flop_method']} Notes: {s['note']}.",
+        "",
+        *_table(["loop", "samples/s", "ms/step", "TFLOP/s", "MFU", "peak MiB"], "lrrrrr", rows),
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    out = [
+        "# Benchmark",
+        "",
+        f"`{meta['command']}`: torch {meta['torch']}, Lightning {meta['lightning']}, device "
+        f"{meta['device']}, {meta['threads']} torch thread(s) (torch.set_num_threads in every "
+        f"process), {meta['cpu_count']} CPUs, load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in meta['load_average'])}; wall {meta['wall_s']:.0f} s.",
+    ]
+    if meta.get("other_processes_cores") is not None:
+        out[-1] += (
+            f" Other processes used {meta['other_processes_cores']:.2f} cores on average "
+            "meanwhile (/proc/stat minus this run's own CPU time): read the figures with that in "
+            "mind."
+        )
+    q = meta["quickstart"]
+    out += [
+        "",
+        f"Quick-start as composed now: fusion={q['fusion']} (hidden {q['fusion_hidden_dim']}), "
+        f"{q['visual']} stages {q['visual_stages']} (freeze {q['visual_freeze']}), {q['text']}, "
+        f"{q['image_size']} px, batch {q['batch_size']} questions (image-grouped "
+        f"{q['group_by_image']}), {q['num_workers']} loader workers, precision {q['precision']}.",
+    ]
+    writers = {
+        "fusions": _md_fusions,
+        "overhead": _md_overhead,
+        "pipeline": _md_pipeline,
+        "scaling": _md_scaling,
+        "gpu": _md_gpu,
+    }
+    for name, write in writers.items():
+        if name in report:
+            out += ["", *write(report[name])]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
