@@ -57,9 +57,6 @@ if str(ROOT) not in sys.path:  # `scripts.extract_features` when run as `python 
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -70,11 +67,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_f
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
 
-from vqa.config_schema import register_schemas  # noqa: E402
 from vqa.lit_module import VQALitModule  # noqa: E402
 from vqa.train import build_components  # noqa: E402
 from vqa.utils import instantiate_callbacks, instantiate_loggers, set_project_root  # noqa: E402
-from vqa.utils.project import CONFIG_DIR  # noqa: E402
+from vqa.utils.project import CONFIG_DIR, compose_run_config  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -209,20 +205,7 @@ def compose_config(
     overrides: Sequence[str], workdir: Path, config_name: str = "train"
 ) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` as the CLI would, outputs under ``workdir``."""
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose(
-            config_name=config_name,
-            overrides=[*overrides, "extras.print_config=false"],
-            return_hydra_config=True,
-        )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(workdir)
-        cfg.hydra.runtime.output_dir = str(workdir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)  # `${hydra:...}` interpolations resolve
-    return cfg
+    return compose_run_config(config_name, [*overrides, "extras.print_config=false"], workdir)
 
 
 def describe(cfg: DictConfig) -> dict[str, Any]:

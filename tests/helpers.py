@@ -11,13 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from vqa.config_schema import register_schemas
-from vqa.utils.project import CONFIG_DIR
+from vqa.utils.project import CONFIG_DIR, compose_run_config
 
 ROOT = CONFIG_DIR.parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -67,17 +64,12 @@ def compose_config(
     data_dir: Path | None = None,
 ) -> DictConfig:
     """Compose `configs/<config_name>.yaml` as the CLI would, with outputs under tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    cfg = compose_run_config(
+        config_name, overrides, None if tmp_path is None else tmp_path / "output"
+    )
     with open_dict(cfg):
         if tmp_path is not None:
-            cfg.paths.output_dir = str(tmp_path / "output")
             cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.hydra.runtime.output_dir = str(tmp_path / "output")
-            cfg.hydra.job.num = 0
         if data_dir is not None:
             cfg.paths.data_dir = str(data_dir)
-    # `${hydra:...}` interpolations resolve only while a HydraConfig is set, as in a real run.
-    HydraConfig.instance().set_config(cfg)
     return cfg

@@ -1,13 +1,19 @@
-"""Where the project lives, and the run-wide switches of the `extras` config node."""
+"""Where the project lives, composing its configs outside `@hydra.main`, and the run-wide
+switches of the `extras` config node."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
+from vqa.config_schema import register_schemas
 from vqa.utils.rich_config import print_config_tree
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -19,6 +25,28 @@ def set_project_root() -> Path:
     An explicit PROJECT_ROOT in the environment wins, so installed copies can point elsewhere.
     """
     return Path(os.environ.setdefault("PROJECT_ROOT", str(CONFIG_DIR.parent)))
+
+
+def compose_run_config(
+    config_name: str = "train", overrides: Sequence[str] = (), output_dir: Path | None = None
+) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` as the command line would,
+    for code that runs a job without ``@hydra.main`` (tests, benchmarks).
+
+    ``output_dir`` stands in for the run folder Hydra would create. A ``HydraConfig`` is set,
+    as in a real run, so ``${hydra:...}`` interpolations resolve.
+    """
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def apply_extras(cfg: DictConfig) -> None:
