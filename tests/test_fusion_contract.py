@@ -36,6 +36,7 @@ VARIANTS = {
     "parallel": [{"form": "lu"}],
     "early": [{"op": "sum"}],
     "alternating": [{"steps": 1}, {"steps": 3}],
+    "film": [{"glimpses": 2}],
 }
 
 

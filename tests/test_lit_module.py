@@ -230,7 +230,11 @@ def test_parameter_groups_split_encoders_and_skip_decay_on_norms_biases_embeddin
     attach_stub_trainer(module, estimated_stepping_batches=100)
     config = module.configure_optimizers()
     groups = {g["name"]: g for g in config["optimizer"].param_groups}
-    assert set(groups) == {"encoder", "encoder_no_decay", "fusion_head", "fusion_head_no_decay"}
+    assert set(groups) == {
+        f"{owner}{suffix}"
+        for owner in ("visual", "text", "fusion_head")
+        for suffix in ("", "_no_decay")
+    }
 
     where = {id(p): name for name, g in groups.items() for p in g["params"]}
     grouped = [p for g in groups.values() for p in g["params"]]
@@ -238,24 +242,26 @@ def test_parameter_groups_split_encoders_and_skip_decay_on_norms_biases_embeddin
     assert len(grouped) == len(where) == len(trainable)  # each trainable parameter exactly once
     assert all(id(p) in where for p in trainable)
 
-    encoder_ids = {id(p) for m in (module.net.visual, module.net.text) for p in m.parameters()}
+    owner_of = {
+        id(p): name for name in ("visual", "text") for p in getattr(module.net, name).parameters()
+    }
     for owner in module.net.modules():
         for name, p in owner.named_parameters(recurse=False):
             if not p.requires_grad:
                 assert id(p) not in where
                 continue
-            expected = ("encoder" if id(p) in encoder_ids else "fusion_head") + (
+            expected = owner_of.get(id(p), "fusion_head") + (
                 "_no_decay" if is_no_decay(owner, name, p) else ""
             )
             assert where[id(p)] == expected, (owner, name)
     # the learned nulls and the embeddings are among the undecayed
     assert where[id(module.net.null_image)] == "fusion_head_no_decay"
     word_embeddings = next(m for m in module.net.text.modules() if isinstance(m, nn.Embedding))
-    assert where[id(word_embeddings.weight)] == "encoder_no_decay"
+    assert where[id(word_embeddings.weight)] == "text_no_decay"
 
     # LR and weight decay as configured: warm-up starts at 0, peaks are recorded per group
     for name, g in groups.items():
-        peak = LR * (0.1 if name.startswith("encoder") else 1.0)
+        peak = LR * (1.0 if name.startswith("fusion_head") else 0.1)
         assert g["initial_lr"] == pytest.approx(peak)
         assert g["weight_decay"] == (0.0 if name.endswith("no_decay") else WEIGHT_DECAY)
         assert g["lr"] == 0.0
@@ -279,8 +285,8 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor(make_modu
     assert all(a >= b for a, b in itertools.pairwise(head[10:]))  # monotone after warm-up
     floor = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert floor["fusion_head"] == pytest.approx(LR * 0.05)
-    assert floor["encoder"] == pytest.approx(LR * 0.5 * 0.05)
-    assert all(step["encoder"] == pytest.approx(0.5 * step["fusion_head"]) for step in lrs)
+    assert floor["visual"] == floor["text"] == pytest.approx(LR * 0.5 * 0.05)
+    assert all(step["visual"] == pytest.approx(0.5 * step["fusion_head"]) for step in lrs)
 
 
 def test_schedule_needs_a_finite_run(make_module) -> None:

@@ -467,7 +467,7 @@ def expected_lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> 
 def test_lr_warmup_then_cosine_per_optimizer_step_with_accumulation(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lr, multiplier, min_ratio = 1e-3, 0.1, 0.1
+    lr, multiplier, text_multiplier, min_ratio = 1e-3, 0.1, 0.25, 0.1
     cfg = tiny_cfg(
         tmp_path,
         shared_data_dir,
@@ -477,6 +477,7 @@ def test_lr_warmup_then_cosine_per_optimizer_step_with_accumulation(
         "callbacks.model_checkpoint=null",
         f"module.optimizer.lr={lr}",
         f"module.encoder_lr_multiplier={multiplier}",
+        f"module.text_lr_multiplier={text_multiplier}",
         "module.warmup_fraction=0.34",
         f"module.min_lr_ratio={min_ratio}",
     )
@@ -493,7 +494,10 @@ def test_lr_warmup_then_cosine_per_optimizer_step_with_accumulation(
         factor = expected_lr_factor(step, warmup, total, min_ratio)
         assert group_lrs["fusion_head"] == pytest.approx(lr * factor, rel=1e-9, abs=1e-15)
         assert group_lrs["fusion_head_no_decay"] == pytest.approx(lr * factor, rel=1e-9, abs=1e-15)
-        assert group_lrs["encoder"] == pytest.approx(lr * multiplier * factor, rel=1e-9, abs=1e-15)
+        assert group_lrs["visual"] == pytest.approx(lr * multiplier * factor, rel=1e-9, abs=1e-15)
+        assert group_lrs["text"] == pytest.approx(
+            lr * text_multiplier * factor, rel=1e-9, abs=1e-15
+        )
     assert probe.lrs[0]["fusion_head"] == 0.0  # warm-up starts from zero
     assert max(g["fusion_head"] for g in probe.lrs) == pytest.approx(lr)
     scheduler = trainer.lr_scheduler_configs[0].scheduler

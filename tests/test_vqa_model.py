@@ -150,3 +150,18 @@ def test_every_parameter_takes_part_even_when_nothing_is_dropped(model: VQAModel
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused
     model.zero_grad()
+
+
+def test_head_layer_norm_divides_out_the_input_scale_and_norm_none_keeps_it() -> None:
+    """Why film's quick-start turns the head's LayerNorm off: with it, twice the features (two
+    objects summed instead of one) give the same logits."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    for norm, scale_invariant in (("layer", True), ("none", False)):
+        head = MLPHead(16, 5, hidden_dim=32, dropout=0.0, norm=norm).eval()
+        torch.nn.init.zeros_(head[0].bias)
+        with torch.no_grad():
+            same = torch.allclose(head(x), head(2 * x), atol=1e-4)
+        assert same == scale_invariant, norm
+    with pytest.raises(ValueError, match="head norm"):
+        MLPHead(16, 5, norm="batch")

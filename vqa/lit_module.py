@@ -89,6 +89,7 @@ class VQALitModule(LightningModule):
         image_dropout: float = 0.1,
         question_dropout: float = 0.1,
         encoder_lr_multiplier: float = 0.1,
+        text_lr_multiplier: float | None = None,
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.01,
         run_config: dict[str, Any] | None = None,
@@ -257,30 +258,41 @@ class VQALitModule(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: encoders apart (smaller LR), and no weight decay on norms, biases,
+        """AdamW groups: each encoder apart (its own LR), and no weight decay on norms, biases,
         embeddings and other vectors (learned nulls, scales), whose decay only hurts.
 
-        Groups are named (``lr-AdamW/encoder`` in the LR monitor) and marked ``lr_scale``,
-        applied to the optimizer's LR in :meth:`configure_optimizers`.
+        Groups are named ``visual``, ``text`` and ``fusion_head`` (``_no_decay`` appended;
+        ``lr-AdamW/text`` in the LR monitor) and marked ``lr_scale``, applied to the
+        optimizer's LR in :meth:`configure_optimizers`. The text encoder has its own
+        multiplier because a BERT trained from scratch is unstable at an LR a CNN and the
+        fusion take well (``text_lr_multiplier``; null = ``encoder_lr_multiplier``).
         """
-        encoders = {id(p) for m in (self.net.visual, self.net.text) for p in m.parameters()}
+        text_scale = self.hparams.text_lr_multiplier
+        scales = {
+            "visual": self.hparams.encoder_lr_multiplier,
+            "text": self.hparams.encoder_lr_multiplier if text_scale is None else text_scale,
+            "fusion_head": 1.0,
+        }
+        owner = {
+            id(p): name for name in ("visual", "text") for p in getattr(self.net, name).parameters()
+        }
         no_decay = {
             id(p)
             for m in self.net.modules()
             for name, p in m.named_parameters(recurse=False)
             if isinstance(m, NO_DECAY_MODULES) or name.endswith("bias") or p.ndim <= 1
         }
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for p in self.net.parameters():
             if p.requires_grad:
-                groups.setdefault((id(p) in encoders, id(p) in no_decay), []).append(p)
+                key = (owner.get(id(p), "fusion_head"), id(p) in no_decay)
+                groups.setdefault(key, []).append(p)
         result = []
-        for (is_encoder, skip_decay), params in sorted(groups.items()):
+        for (name, skip_decay), params in sorted(groups.items()):
             group: dict[str, Any] = {
                 "params": params,
-                "name": ("encoder" if is_encoder else "fusion_head")
-                + ("_no_decay" if skip_decay else ""),
-                "lr_scale": self.hparams.encoder_lr_multiplier if is_encoder else 1.0,
+                "name": name + ("_no_decay" if skip_decay else ""),
+                "lr_scale": scales[name],
             }
             if skip_decay:
                 group["weight_decay"] = 0.0
