@@ -70,7 +70,12 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E4
 from vqa.lit_module import VQALitModule  # noqa: E402
 from vqa.train import build_components  # noqa: E402
 from vqa.utils import instantiate_callbacks, instantiate_loggers, set_project_root  # noqa: E402
-from vqa.utils.project import CONFIG_DIR, compose_run_config  # noqa: E402
+from vqa.utils.project import (  # noqa: E402
+    CONFIG_DIR,
+    TINY_DATA_OVERRIDES,
+    TINY_MODEL_OVERRIDES,
+    compose_run_config,
+)
 
 log = logging.getLogger("benchmark")
 
@@ -141,20 +146,11 @@ class Sizes:
 
 
 QUICKSTART = ["experiment=quickstart"]
-# Tiny composition for tests (mirrors tests/helpers.py TINY_* so a test session's data is reused).
+# Tiny composition for tests: the same one as the test suite's, so a test session's data is reused.
 TINY = [
     "experiment=quickstart",
-    "model/visual=resnet18",
-    "fusion.hidden_dim=32",
-    "head.hidden_dim=32",
-    "data.source.num_train_images=8",
-    "data.source.num_val_images=4",
-    "data.source.num_test_images=2",
-    "data.source.questions_per_image=4",
-    "data.source.image_size=32",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=0",
+    *TINY_MODEL_OVERRIDES,
+    *TINY_DATA_OVERRIDES,
     "callbacks.rich_progress_bar=null",
     "callbacks.rich_model_summary=null",
 ]
@@ -179,11 +175,8 @@ def make_sizes(quick: bool) -> Sizes:
         top_k=2,
         scale_warmup=0,
         gpu_overrides=[
-            "model/visual=resnet18",
-            "model/text=bert_tiny",
+            *TINY_MODEL_OVERRIDES,
             "data.image_size=32",
-            "fusion.hidden_dim=32",
-            "head.hidden_dim=32",
             "model.visual.channels_last=true",
             "trainer=gpu",
             "trainer.accelerator=cpu",

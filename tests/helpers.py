@@ -14,7 +14,14 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from vqa.config_schema import register_schemas
-from vqa.utils.project import CONFIG_DIR, compose_run_config
+from vqa.utils.project import (
+    CONFIG_DIR,
+    TINY_MODEL_OVERRIDES,
+    compose_run_config,
+)
+from vqa.utils.project import (
+    TINY_DATA_OVERRIDES as TINY_DATA_OVERRIDES,  # re-exported for the tests
+)
 
 ROOT = CONFIG_DIR.parent
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -29,13 +36,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 register_schemas()
 
-# The smallest real composition: synthetic data with a few dozen images, ResNet-18 stages at
-# 32 px, a two-layer BERT, small fusion. Shared by every test that trains.
+# The tiny composition (vqa.utils.project) with the trainer settings every training test shares.
 TINY_OVERRIDES: list[str] = [
-    "model/visual=resnet18",
-    "model/text=bert_tiny",
-    "fusion.hidden_dim=32",
-    "head.hidden_dim=32",
+    *TINY_MODEL_OVERRIDES,
     "trainer.max_epochs=1",
     "trainer.accelerator=cpu",
     "trainer.devices=1",
@@ -43,17 +46,6 @@ TINY_OVERRIDES: list[str] = [
     "callbacks.rich_progress_bar=null",
     "callbacks.rich_model_summary=null",
     "extras.print_config=false",
-]
-# A synthetic set small enough to generate in about a second.
-TINY_DATA_OVERRIDES: list[str] = [
-    "data.source.num_train_images=8",
-    "data.source.num_val_images=4",
-    "data.source.num_test_images=2",
-    "data.source.questions_per_image=4",
-    "data.source.image_size=32",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "data.batch_size=8",  # two whole images per grouped batch: BatchNorm needs more than one
 ]
 
 

@@ -18,6 +18,27 @@ from vqa.utils.rich_config import print_config_tree
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
+# The smallest real composition, for smoke runs (tests, `benchmark.py --quick`): ResNet-18 stages
+# at 32 px, a two-layer BERT, a small fusion and head ...
+TINY_MODEL_OVERRIDES: list[str] = [
+    "model/visual=resnet18",
+    "model/text=bert_tiny",
+    "fusion.hidden_dim=32",
+    "head.hidden_dim=32",
+]
+# ... on a synthetic set small enough to generate in about a second. One list for every user, so
+# they all find the same generated set in a shared data folder.
+TINY_DATA_OVERRIDES: list[str] = [
+    "data.source.num_train_images=8",
+    "data.source.num_val_images=4",
+    "data.source.num_test_images=2",
+    "data.source.questions_per_image=4",
+    "data.source.image_size=32",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.batch_size=8",  # two whole images per grouped batch: BatchNorm needs more than one
+]
+
 
 def set_project_root() -> Path:
     """Anchor `paths.root_dir` (data/, logs/) at the checkout, whatever the working directory.
