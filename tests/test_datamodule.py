@@ -132,6 +132,20 @@ def test_train_batch_contract(fitted: VQADataModule) -> None:
         assert vocab.decode(int(target.argmax())) == majority and target.max() == 1.0
 
 
+def test_batch_transfer_moves_tensors_and_leaves_strings_alone(fitted: VQADataModule) -> None:
+    batch = next(iter(fitted.train_dataloader()))
+    batch["visual_features"] = [torch.zeros(2, 3), torch.ones(2, 4)]  # as a cached batch has
+    moved = fitted.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert set(moved) == set(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            assert moved[key].device.type == "meta" and moved[key].shape == value.shape, key
+        elif key == "visual_features":
+            assert [t.device.type for t in moved[key]] == ["meta", "meta"]
+        else:  # questions, answer strings: the very objects, not walked element by element
+            assert moved[key] is value, key
+
+
 def test_truncation_keeps_sep(data_root: Path) -> None:
     dm = make_dm(data_root, None, max_question_length=5)
     dm.setup("validate")

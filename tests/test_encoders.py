@@ -100,6 +100,27 @@ def test_resnet_fully_frozen_is_deterministic_feature_extractor() -> None:
     torch.testing.assert_close(encoder.eval()(x)[0], train_out)
 
 
+def test_resnet_init_seed_fixes_random_weights_whatever_the_run_seed() -> None:
+    """A frozen random encoder is one feature function: the quick-start's feature cache is
+    shared by runs with any seed, and drawing it leaves the run's own random stream alone."""
+
+    def build(run_seed: int, init_seed: int | None) -> tuple[ResNetEncoder, torch.Tensor]:
+        torch.manual_seed(run_seed)
+        encoder = ResNetEncoder("resnet18", stages=["layer1"], freeze="all", init_seed=init_seed)
+        return encoder, torch.rand(3)  # the next draw of the run's generator
+
+    seeded_a, after_a = build(1, init_seed=0)
+    seeded_b, _ = build(2, init_seed=0)
+    for a, b in zip(seeded_a.state_dict().values(), seeded_b.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    torch.manual_seed(1)
+    assert torch.equal(after_a, torch.rand(3)), "init_seed consumed the run's generator"
+
+    run_a, _ = build(1, init_seed=None)
+    run_b, _ = build(2, init_seed=None)
+    assert not torch.equal(run_a.body["conv1"].weight, run_b.body["conv1"].weight)
+
+
 def test_resnet_frozen_bn_uses_frozen_batchnorm_and_warns_without_weights() -> None:
     with pytest.warns(UserWarning, match="random weights"):
         encoder = ResNetEncoder("resnet18", stages=["layer1"], bn="frozen")

@@ -115,6 +115,23 @@ def check_contract(block: FusionBlock) -> None:
         if key.startswith("question"):
             other = other[:, : mask.shape[1]]
         torch.testing.assert_close(other, att, atol=ATOL, rtol=0)
+    check_prepared_path(block, visual, text, mask)
+
+
+def check_prepared_path(
+    block: FusionBlock, visual: list[Tensor], text: Tensor, mask: Tensor
+) -> None:
+    """VQAModel's path (prepare each distinct image once, repeat per question, fuse) gives what
+    ``forward`` gives on the repeated images: prepare_visual does no per-question work."""
+    image_index = torch.arange(len(LENGTHS)) // 2  # questions 2i and 2i+1 share image i
+    distinct = [stage[: int(image_index.max()) + 1] for stage in visual]
+    with torch.no_grad():
+        direct = block([stage[image_index] for stage in distinct], text, mask)
+        prepared = [part[image_index] for part in block.prepare_visual(distinct)]
+        split = block.fuse(prepared, text, mask)
+    torch.testing.assert_close(split.features, direct.features, atol=ATOL, rtol=1e-5)
+    for key, att in direct.attention.items():
+        torch.testing.assert_close(split.attention[key], att, atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("path", FUSION_CONFIGS, ids=NAMES)

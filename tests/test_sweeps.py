@@ -14,8 +14,9 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from scripts.extract_features import extract
 from scripts.summarize_sweep import find_sweep, read_metrics, read_overrides, summarize
-from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES
+from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
 from vqa.train import main
 
 # One short epoch per job, nothing written but the CSV logs the summary reads.
@@ -127,14 +128,24 @@ def test_summary_means_and_stds_over_seeds(tmp_path: Path) -> None:
 def test_fusion_multirun_makes_a_summary_table(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What `make sweep` runs (experiment=sweep_fusions), on two fusions and one seed."""
+    """What `make sweep` runs (the quick-start's feature store, then experiment=sweep_fusions),
+    on two fusions and one seed."""
+    store = f"data.feature_dir={tmp_path / 'features'}"
+    extract_cfg = compose_config(
+        "extract_features",
+        ["experiment=quickstart", *JOB_OVERRIDES, store, "extract.progress=false"],
+        tmp_path / "extract",
+        shared_data_dir,
+    )
+    extract(extract_cfg)
     sweep = run_train_cli(
         monkeypatch,
         tmp_path,
         shared_data_dir,
         "experiment=sweep_fusions",
         "fusion=parallel,late",
-        "seed=1",
+        "seed=1",  # the store was made with the default seed: init_seed fixes the encoder
+        store,
     )
     runs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
     assert [read_overrides(r)["fusion"] for r in runs] == ["parallel", "late"]

@@ -147,6 +147,8 @@ class VQALitModule(LightningModule):
         while each keeps exactly its configured probability.
         """
         p_img, p_q = self.hparams.image_dropout, self.hparams.question_dropout
+        if p_img == 0 and p_q == 0:  # no masks: the model then skips the null inputs entirely
+            return {}
         u = torch.rand(batch_size, device=self.device)
         return {"drop_image": u < p_img, "drop_question": (u >= p_img) & (u < p_img + p_q)}
 

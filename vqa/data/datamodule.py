@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from datasets import Dataset, Features, List, Value
 from filelock import FileLock
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerFast
 
@@ -325,6 +325,27 @@ class VQADataModule(pl.LightningDataModule):
             )
         for split in splits:
             self.feature_stores[split].check_encoder(encoder)
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """Move the tensors (and lists of tensors) of a batch dict; leave its string lists alone.
+
+        Lightning's default walks every element of every nested list: the ten human answers of
+        each question made that about 7 ms per batch of 64 on CPU, 7 % of a quick-start step.
+        """
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        non_blocking = device.type == "cuda"
+
+        def move(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                return value.to(device, non_blocking=non_blocking)
+            if isinstance(value, list) and value and isinstance(value[0], Tensor):
+                return [v.to(device, non_blocking=non_blocking) for v in value]
+            return value
+
+        return {key: move(value) for key, value in batch.items()}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Cached maps travel in the store's dtype (float16: half the copy) and become floats

@@ -34,7 +34,9 @@ class ResNetEncoder(nn.Module):
     up to and including it). Frozen parts never receive gradients and stay in eval mode, so a
     fully frozen encoder is a deterministic feature extractor. ``bn="frozen"`` swaps every
     BatchNorm for torchvision's ``FrozenBatchNorm2d`` (fixed statistics and affine, the usual
-    choice when fine-tuning with small per-GPU batches).
+    choice when fine-tuning with small per-GPU batches). ``init_seed`` draws random weights from
+    their own generator instead of the run's, so a frozen random encoder is one fixed feature
+    function whatever the run seed, and runs with different seeds share one feature cache.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class ResNetEncoder(nn.Module):
         bn: str = "train",
         channels_last: bool = False,
         gradient_checkpointing: bool = False,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -62,7 +65,10 @@ class ResNetEncoder(nn.Module):
         built = (*STEM, *STAGES[: STAGES.index(self.stage_names[-1]) + 1])
 
         norm_layer = FrozenBatchNorm2d if bn == "frozen" else nn.BatchNorm2d
-        network = _build_resnet(arch, weights, norm_layer)
+        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            network = _build_resnet(arch, weights, norm_layer)
         self.body = nn.ModuleDict({name: getattr(network, name) for name in built})
         self.out_channels = [_stage_width(self.body[name]) for name in self.stage_names]
 

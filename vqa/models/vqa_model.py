@@ -88,21 +88,31 @@ class VQAModel(nn.Module):
                 f"visual stages have {[stage.shape[1] for stage in visual]} channels, the model "
                 f"was built for {self.visual_channels}"
             )
-        if image_index is not None:
-            visual = [stage.index_select(0, image_index) for stage in visual]
-        text = self.text(input_ids, attention_mask)
-        mask = attention_mask.bool()
-
         if drop_image is not None:
-            dropped = drop_image.view(-1, 1, 1, 1)
+            # The null image is one more row, which dropped questions point to.
+            null_row = len(visual[0])
+            if image_index is None:
+                image_index = torch.arange(null_row, device=drop_image.device)
+            image_index = torch.where(drop_image, null_row, image_index)
             visual = [
-                torch.where(
-                    dropped,
-                    self.null_image[: stage.shape[1]].view(1, -1, 1, 1).to(stage.dtype),
-                    stage,
+                torch.cat(
+                    [
+                        stage,
+                        self.null_image[: stage.shape[1]]
+                        .to(stage.dtype)
+                        .view(1, -1, 1, 1)
+                        .expand(1, -1, *stage.shape[2:]),
+                    ]
                 )
                 for stage in visual
             ]
+        # Per distinct image first, then repeated per question (FusionBlock.prepare_visual).
+        prepared = self.fusion.prepare_visual(visual)
+        if image_index is not None:
+            prepared = [part.index_select(0, image_index) for part in prepared]
+        text = self.text(input_ids, attention_mask)
+        mask = attention_mask.bool()
+
         if drop_question is not None:
             text = torch.where(
                 drop_question.view(-1, 1, 1), self.null_question.to(text.dtype), text
@@ -110,5 +120,5 @@ class VQAModel(nn.Module):
             first_only = torch.arange(mask.shape[1], device=mask.device) == 0
             mask = torch.where(drop_question.unsqueeze(1), first_only, mask)
 
-        fused = self.fusion(visual, text, mask)
+        fused = self.fusion.fuse(prepared, text, mask)
         return VQAOutput(logits=self.head(fused.features), attention=fused.attention)

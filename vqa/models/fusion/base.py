@@ -44,6 +44,21 @@ class FusionBlock(nn.Module):
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         raise NotImplementedError
 
+    # A batch often asks several questions about one image (data.group_by_image). VQAModel
+    # therefore calls ``prepare_visual`` once per distinct image, repeats its output per
+    # question, and calls ``fuse``. A block whose per-image work does not depend on the
+    # question (a projection of the grid, say) overrides both, so that work is not repeated
+    # per question, and defines ``forward`` as ``fuse(prepare_visual(visual), ...)``. By
+    # default nothing is prepared and ``fuse`` is ``forward``.
+
+    def prepare_visual(self, visual: list[Tensor]) -> list[Tensor]:
+        """Question-independent work on the stage maps of distinct images: tensors [U, ...]."""
+        return visual
+
+    def fuse(self, prepared: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        """The per-question rest, on ``prepare_visual``'s output repeated per question."""
+        return self(prepared, text, text_mask)
+
 
 def flatten_grid(feature_map: Tensor) -> Tensor:
     """[B, C, H, W] -> [B, H*W, C] (row-major cells, matching ``grid_boxes``)."""

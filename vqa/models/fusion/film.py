@@ -12,9 +12,15 @@ gets gradient. The conditioned cells are then
 * read by ``glimpses`` softmax attentions over the conditioned cells ("which object").
 
 Cells are a 1x1 conv + BatchNorm + ReLU of the last stage plus an embedding of the cell's box;
-the question is the mean of its real words, projected. In scratch experiments on the synthetic
-set (issue 5) these choices learned much faster than a linear cell projection with an
-attention-pooled question, and attention glimpses slowed the start, hence ``glimpses: 0``.
+the question is the mean of its real words, projected, then (``question_norm: batch``)
+batch-normalised. A randomly initialised BERT's mean-pooled questions are nearly all one shared
+vector (on the synthetic set the shared part holds 25x the energy of what tells questions
+apart), so ``cell * question`` hardly depends on the question; centring it across the batch is
+what let the shape questions be learned at all (issue 5, a plain loop on frozen random ResNet
+layer1 maps: 71.6 % after 12 epochs with every shape family at its prior without it, 80.9 % after
+10 with it). In scratch experiments these choices learned much faster than a
+linear cell projection with an attention-pooled question, and attention glimpses slowed the
+start, hence ``glimpses: 0``.
 
 Attention maps: with glimpses, the image map is their mean; without, each cell's share of the
 summed read-out (the sum of its non-negative conditioned features). The question map is uniform over the
@@ -27,11 +33,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vqa.models.fusion.base import FusionBlock, FusionOutput, flatten_grid, grid_boxes, masked_mean
+from vqa.models.fusion.base import FusionBlock, FusionOutput, grid_boxes, masked_mean
 
 # Scale of the summed read-out: keeps it O(1..10) on the grids in use (49 to 784 cells) without
 # dividing by the number of cells, which would make a count depend on the grid size.
 SUM_SCALE = 1.0 / 8.0
+QUESTION_NORMS = ("batch", "none")
 
 
 class FiLMFusion(FusionBlock):
@@ -45,6 +52,7 @@ class FiLMFusion(FusionBlock):
         glimpses: int = 0,
         attention_dropout: float = 0.1,
         positional: bool = True,
+        question_norm: str = "batch",
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if glimpses < 0:
@@ -53,12 +61,15 @@ class FiLMFusion(FusionBlock):
             raise ValueError(
                 f"hidden_dim must be even (cells are hidden_dim/2 wide), got {hidden_dim}"
             )
+        if question_norm not in QUESTION_NORMS:
+            raise ValueError(f"question_norm={question_norm!r} must be one of {QUESTION_NORMS}")
         dim = hidden_dim // 2
         self.cell_proj = nn.Sequential(
             nn.Conv2d(self.visual_channels[-1], dim, 1), nn.BatchNorm2d(dim), nn.ReLU()
         )
         self.position = nn.Linear(4, dim) if positional else None
         self.text_proj = nn.Linear(self.text_dim, dim)
+        self.question_norm = nn.BatchNorm1d(dim) if question_norm == "batch" else nn.Identity()
         self.cell_mlp = nn.Sequential(
             nn.Linear(3 * dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()
         )
@@ -68,18 +79,36 @@ class FiLMFusion(FusionBlock):
         self.out_dim = (1 + glimpses) * hidden_dim + dim
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        return self.fuse(self.prepare_visual(visual), text, text_mask)
+
+    def prepare_visual(self, visual: list[Tensor]) -> list[Tensor]:
+        """Per image: the cells [U, H, W, D] and their share of the MLP's first layer
+        [U, H, W, hidden] (that layer is linear in [cell, question, cell * question], so the
+        cell's term is computed once per image, not once per question)."""
         feature_map = visual[-1]
         height, width = feature_map.shape[-2:]
-        mask = text_mask.bool()
-        cells = flatten_grid(self.cell_proj(feature_map))  # [B, M, D]
+        cells = self.cell_proj(feature_map).permute(0, 2, 3, 1)
         if self.position is not None:
-            cells = cells + self.position(
-                grid_boxes(height, width, device=cells.device, dtype=cells.dtype)
-            )
+            boxes = grid_boxes(height, width, device=cells.device, dtype=cells.dtype)
+            cells = cells + self.position(boxes).view(height, width, -1)
+        return [cells, cells @ self._first_layer_weights()[0].T]
+
+    def fuse(self, prepared: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        cells, cell_term = prepared
+        height, width = cells.shape[1:3]
+        cells, cell_term = cells.flatten(1, 2), cell_term.flatten(1, 2)  # [B, M, D], [B, M, H]
+        mask = text_mask.bool()
         # Zeroing padding keeps junk (even inf/nan) out of the mean.
-        question = self.text_proj(masked_mean(text.masked_fill(~mask.unsqueeze(-1), 0.0), mask))
-        q = question.unsqueeze(1).expand_as(cells)
-        conditioned = self.cell_mlp(torch.cat([cells, q, cells * q], dim=-1))  # [B, M, H]
+        question = self.question_norm(
+            self.text_proj(masked_mean(text.masked_fill(~mask.unsqueeze(-1), 0.0), mask))
+        )
+        _, w_question, w_product = self._first_layer_weights()
+        first = self.cell_mlp[0]
+        question_term = question @ w_question.T + first.bias  # [B, H]
+        hidden = (
+            cell_term + question_term.unsqueeze(1) + (cells * question.unsqueeze(1)) @ w_product.T
+        )
+        conditioned = self.cell_mlp[1:](hidden)  # [B, M, H]
 
         parts = [conditioned.sum(dim=1) * SUM_SCALE, question]
         if self.glimpse_score is None:
@@ -98,3 +127,7 @@ class FiLMFusion(FusionBlock):
                 "question": real / real.sum(dim=1, keepdim=True).clamp_min(1.0),
             },
         )
+
+    def _first_layer_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The first MLP layer's weight split by input: cell, question, cell * question."""
+        return self.cell_mlp[0].weight.split(self.cell_mlp[0].in_features // 3, dim=1)
