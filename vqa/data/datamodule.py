@@ -332,7 +332,7 @@ class VQADataModule(pl.LightningDataModule):
         """Move the tensors (and lists of tensors) of a batch dict; leave its string lists alone.
 
         Lightning's default walks every element of every nested list: the ten human answers of
-        each question made that about 7 ms per batch of 64 on CPU, 7 % of a quick-start step.
+        each question made that about 7 ms per batch of 64 on CPU, 6 % of a quick-start step.
         """
         if not isinstance(batch, dict):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
