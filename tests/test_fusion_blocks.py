@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from vqa.models.fusion.base import FusionBlock
+from vqa.models.fusion.base import FusionBlock, SpatialGrid
 from vqa.models.fusion.cot import CoTAttention
 from vqa.models.fusion.hierarchical import GuidedAttention, HierarchicalCoAttention
 from vqa.models.fusion.multihead import MultiheadCoAttention
@@ -322,3 +322,21 @@ def test_cot_batch_coupling_in_train_mode(norm: str, coupled: bool) -> None:
 def test_bad_options_fail_at_construction(kind: str, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build(kind, **options)
+
+
+def test_grid_norm_removes_what_every_cell_shares_per_channel() -> None:
+    """Un-normalised maps (a frozen random encoder's ReLU outputs) carry a large per-channel
+    offset shared by every cell; ``grid_norm: batch`` hands the attention only what tells the
+    cells apart, so adding such an offset changes no token. Without it, every token changes."""
+    g = torch.Generator().manual_seed(0)
+    feature_map = torch.randn(4, 6, 3, 3, generator=g)
+    offset = 10 * torch.randn(1, 6, 1, 1, generator=g)
+    for norm, invariant in (("batch", True), ("none", False)):
+        torch.manual_seed(0)
+        grid = SpatialGrid(6, 8, norm=norm).train()
+        with torch.no_grad():
+            plain, _ = grid(feature_map)
+            shifted, _ = grid(feature_map + offset)
+        assert torch.allclose(plain, shifted, atol=1e-4) == invariant, norm
+    with pytest.raises(ValueError, match="grid_norm"):
+        SpatialGrid(6, 8, norm="layer")

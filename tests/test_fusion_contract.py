@@ -174,6 +174,8 @@ def option_cases() -> list[tuple[Path, str, Any]]:
         if "top_k" in params:
             cases.append((path, "top_k", 1))
             cases.append((path, "top_k", 3))
+        if "grid_norm" in params:
+            cases.append((path, "grid_norm", "none"))
     return cases
 
 

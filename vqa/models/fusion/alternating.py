@@ -34,7 +34,8 @@ class GuidedAttention(nn.Module):
         super().__init__()
         self.key = nn.Linear(dim, dim)
         self.guide = nn.Linear(dim, dim) if guided else None
-        self.score = nn.Linear(dim, 1)
+        # No bias: a shift of the logits is lost in the softmax (its gradient is zero).
+        self.score = nn.Linear(dim, 1, bias=False)
 
     def forward(self, tokens: Tensor, guide: Tensor | None = None) -> Tensor:
         """tokens [B, L, D], guide [B, D] -> logits [B, L]."""
@@ -58,6 +59,7 @@ class AlternatingCoAttention(FusionBlock):
         residual: bool = True,
         positional: bool = True,
         spatial_constraint: bool = False,
+        grid_norm: str = "batch",
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if steps < 1:
@@ -66,7 +68,12 @@ class AlternatingCoAttention(FusionBlock):
         self.residual = residual
         self.out_dim = hidden_dim
         self.inputs = GridAndWords(
-            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
+            self.visual_channels,
+            self.text_dim,
+            hidden_dim,
+            positional,
+            spatial_constraint,
+            grid_norm,
         )
         self.summary = GuidedAttention(hidden_dim, guided=False)
         self.image_steps = nn.ModuleList(GuidedAttention(hidden_dim) for _ in range(steps))

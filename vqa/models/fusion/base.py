@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+GRID_NORMS = ("batch", "none")
+
 
 @dataclass
 class FusionOutput:
@@ -117,12 +119,23 @@ class SpatialGrid(nn.Module):
     Each cell's normalised box is embedded and added to the projected cell feature, so
     relational questions ("left of") are answerable; ``constraint`` additionally yields the
     seed's spatial-constraint weights sigmoid(MLP(box)) per cell to scale affinities.
+    ``norm="batch"`` batch-normalises the stage's channels before the projection: maps that no
+    trained BatchNorm has normalised (a frozen random encoder read from the feature cache)
+    otherwise kept parallel, alternating and multihead at the question-only prior (issue 5).
     """
 
     def __init__(
-        self, in_channels: int, dim: int, positional: bool = True, constraint: bool = False
+        self,
+        in_channels: int,
+        dim: int,
+        positional: bool = True,
+        constraint: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
+        if norm not in GRID_NORMS:
+            raise ValueError(f"grid_norm={norm!r} must be one of {GRID_NORMS}")
+        self.norm = nn.BatchNorm2d(in_channels) if norm == "batch" else nn.Identity()
         self.proj = nn.Linear(in_channels, dim)
         self.position = nn.Linear(4, dim) if positional else None
         self.constraint = (
@@ -132,7 +145,7 @@ class SpatialGrid(nn.Module):
     def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
         """[B, C, H, W] -> (tokens [B, H*W, dim], constraint weights [1, H*W] or None)."""
         _, _, h, w = feature_map.shape
-        tokens = self.proj(flatten_grid(feature_map))
+        tokens = self.proj(flatten_grid(self.norm(feature_map)))
         boxes = grid_boxes(h, w, device=feature_map.device, dtype=tokens.dtype)
         if self.position is not None:
             tokens = tokens + self.position(boxes)
@@ -169,9 +182,10 @@ class GridAndWords(nn.Module):
         dim: int,
         positional: bool = True,
         spatial_constraint: bool = False,
+        grid_norm: str = "batch",
     ) -> None:
         super().__init__()
-        self.grid = SpatialGrid(visual_channels[-1], dim, positional, spatial_constraint)
+        self.grid = SpatialGrid(visual_channels[-1], dim, positional, spatial_constraint, grid_norm)
         self.text_proj = nn.Linear(text_dim, dim)
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> GridWords:

@@ -33,13 +33,19 @@ class EarlyFusion(FusionBlock):
         op: str = "mul",
         positional: bool = True,
         spatial_constraint: bool = False,
+        grid_norm: str = "batch",
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if op not in OPS:
             raise ValueError(f"op={op!r} must be one of {OPS}")
         self.op = op
         self.inputs = GridAndWords(
-            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
+            self.visual_channels,
+            self.text_dim,
+            hidden_dim,
+            positional,
+            spatial_constraint,
+            grid_norm,
         )
         self.out_dim = hidden_dim
 

@@ -138,6 +138,7 @@ class HierarchicalCoAttention(FusionBlock):
         attention_dropout: float = 0.1,
         positional: bool = True,
         spatial_constraint: bool = False,
+        grid_norm: str = "batch",
     ) -> None:
         super().__init__(visual_channels, text_dim)
         coattention = {"parallel": ParallelLevel, "alternating": AlternatingLevel}
@@ -145,7 +146,12 @@ class HierarchicalCoAttention(FusionBlock):
             raise ValueError(f"mode must be one of {sorted(coattention)}, got {mode!r}")
         self.out_dim = hidden_dim
         self.inputs = GridAndWords(
-            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
+            self.visual_channels,
+            self.text_dim,
+            hidden_dim,
+            positional,
+            spatial_constraint,
+            grid_norm,
         )
         self.ngrams = nn.ModuleList(nn.Conv1d(hidden_dim, hidden_dim, w) for w in NGRAM_WIDTHS)
         self.sentence_rnn = nn.LSTM(hidden_dim, hidden_dim, batch_first=True)

@@ -46,6 +46,7 @@ class MultiheadCoAttention(FusionBlock):
         residual: bool = True,
         positional: bool = True,
         spatial_constraint: bool = False,
+        grid_norm: str = "batch",
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if hidden_dim % num_heads:
@@ -56,7 +57,12 @@ class MultiheadCoAttention(FusionBlock):
         self.residual = residual
         self.out_dim = hidden_dim
         self.inputs = GridAndWords(
-            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
+            self.visual_channels,
+            self.text_dim,
+            hidden_dim,
+            positional,
+            spatial_constraint,
+            grid_norm,
         )
         # Affinity projections; the values are the (head-split) grid tokens and words themselves.
         self.query = nn.Linear(hidden_dim, hidden_dim)

@@ -52,6 +52,7 @@ class ParallelCoAttention(FusionBlock):
         residual: bool = True,
         positional: bool = True,
         spatial_constraint: bool = False,
+        grid_norm: str = "batch",
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if form not in FORMS:
@@ -61,7 +62,12 @@ class ParallelCoAttention(FusionBlock):
         self.residual = residual
         self.out_dim = hidden_dim
         self.inputs = GridAndWords(
-            self.visual_channels, self.text_dim, hidden_dim, positional, spatial_constraint
+            self.visual_channels,
+            self.text_dim,
+            hidden_dim,
+            positional,
+            spatial_constraint,
+            grid_norm,
         )
         self.affinity = nn.Linear(hidden_dim, hidden_dim, bias=False)  # W_b
         if form == "lu":
