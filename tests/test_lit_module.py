@@ -95,6 +95,25 @@ def test_modality_dropout_rates_are_exact_and_never_both(make_module) -> None:
     assert torch.equal(state, torch.get_rng_state())
 
 
+@pytest.mark.parametrize(("image", "question"), [(0.0, 0.0), (0.2, 0.0), (0.0, 0.2)])
+def test_every_trainable_parameter_takes_part_whatever_the_dropout(
+    make_module, image: float, question: float
+) -> None:
+    """DDP (without find_unused_parameters) needs every trainable parameter in every step's
+    graph. A modality whose dropout is off never uses its learned null, so that null is frozen."""
+    module = make_module(image_dropout=image, question_dropout=question)
+    batch = make_batch()
+    loss = module.compute_loss(
+        module(batch, **module.sample_modality_dropout(len(batch["input_ids"]))).logits,
+        batch["targets"],
+    )
+    loss.backward()
+    unused = [n for n, p in module.net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+    assert module.net.null_image.requires_grad == (image > 0)
+    assert module.net.null_question.requires_grad == (question > 0)
+
+
 @pytest.mark.parametrize(
     ("image", "question", "message"),
     [

@@ -114,6 +114,10 @@ class VQALitModule(LightningModule):
         # Plain values only: the checkpoint's hyper_parameters must load with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
         self.net = net
+        # A modality that is never dropped never reads its learned null: frozen, it stays out of
+        # the optimizer and of DDP's check that every trainable parameter gets a gradient.
+        net.null_image.requires_grad_(image_dropout > 0)
+        net.null_question.requires_grad_(question_dropout > 0)
         self.optimizer_factory = optimizer
         self.answer_vocab = list(answer_vocab)
 
