@@ -122,6 +122,8 @@ class SpatialGrid(nn.Module):
     ``norm="batch"`` batch-normalises the stage's channels before the projection: maps that no
     trained BatchNorm has normalised (a frozen random encoder read from the feature cache)
     otherwise kept parallel, alternating and multihead at the question-only prior (issue 5).
+    Off here (cot's key grid reads normalised conv outputs); on by default in ``GridAndWords``,
+    the start of the single-stage blocks (their ``grid_norm``).
     """
 
     def __init__(
@@ -130,7 +132,7 @@ class SpatialGrid(nn.Module):
         dim: int,
         positional: bool = True,
         constraint: bool = False,
-        norm: str = "batch",
+        norm: str = "none",
     ) -> None:
         super().__init__()
         if norm not in GRID_NORMS:

@@ -70,8 +70,7 @@ class CoTStage(nn.Module):
         )
         self.value = nn.Sequential(nn.Conv2d(channels, dim, 1, bias=False), _norm(norm, dim))
         # Key head on top of the conv: mixes the groups and adds where each cell is.
-        # Its input is the normalised conv output: a grid BatchNorm would only couple samples.
-        self.key_grid = SpatialGrid(dim, dim, positional, spatial_constraint, norm="none")
+        self.key_grid = SpatialGrid(dim, dim, positional, spatial_constraint)
         self.query = nn.Linear(text_dim, dim)
         self.dropout = nn.Dropout(attention_dropout)
 
