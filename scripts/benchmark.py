@@ -69,12 +69,18 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E4
 
 from vqa.lit_module import VQALitModule  # noqa: E402
 from vqa.train import build_components  # noqa: E402
-from vqa.utils import instantiate_callbacks, instantiate_loggers, set_project_root  # noqa: E402
+from vqa.utils import (  # noqa: E402
+    drop_logger_only_callbacks,
+    instantiate_callbacks,
+    instantiate_loggers,
+    set_project_root,
+)
 from vqa.utils.project import (  # noqa: E402
     CONFIG_DIR,
     TINY_DATA_OVERRIDES,
     TINY_MODEL_OVERRIDES,
     compose_run_config,
+    silence_known_noise,
 )
 
 log = logging.getLogger("benchmark")
@@ -235,13 +241,10 @@ QUIET_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch")
 
 
 def quiet() -> None:
-    """Lightning's per-fit INFO banner and the dependencies' warnings would bury the tables."""
-    import warnings
-
+    """Lightning's per-fit INFO banner and the dependencies' known chatter would bury the tables."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    for module in ("pytorch_lightning", "lightning_fabric", "torch", "transformers", "datasets"):
-        warnings.filterwarnings("ignore", module=module)
+    silence_known_noise()
 
 
 # ------------------------------------------------------------------------------- batches
@@ -433,8 +436,9 @@ def lightning_fit(
     with open_dict(cfg):
         cfg.paths.output_dir = str(workdir)
     timer = StepTimer()
-    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), timer] if user_callbacks else [timer]
     loggers = instantiate_loggers(cfg.get("logger")) if user_callbacks else []
+    configured = instantiate_callbacks(cfg.get("callbacks")) if user_callbacks else []
+    callbacks = [*drop_logger_only_callbacks(configured, loggers), timer]
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,

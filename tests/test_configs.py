@@ -116,7 +116,8 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
 
 
 def test_default_composition_is_the_product_card(tmp_path: Path) -> None:
-    cfg = compose_config("train", [], tmp_path)
+    # no stand-in run folder (tmp_path=None): hydra.run.dir shows its own default
+    cfg = compose_config("train", [f"paths.log_dir={tmp_path}"])
     assert cfg.model.visual.arch == "resnet101"
     assert "bert" in cfg.model.text._target_.lower()
     assert cfg.trainer.gradient_clip_val == 5.0

@@ -1,4 +1,4 @@
-"""Typed schemas that Hydra checks at compose time.
+"""Typed schemas that Hydra checks at compose time, and the project's config resolvers.
 
 Lightning does not type-check its constructor arguments (``Trainer(max_epochs="abc")`` only
 fails deep inside the fit loop), so the trainer group extends this schema: a wrong override
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
@@ -54,9 +55,28 @@ class TrainerSchema:
     barebones: bool = False
 
 
+# What `paths.output_dir` holds unless the user names a folder: the run folder Hydra made.
+RUN_FOLDER_DEFAULT = "${hydra:runtime.output_dir}"
+
+
+def run_dir(default: str, *, _root_: DictConfig) -> str:
+    """`hydra.run.dir`: `paths.output_dir` when the user set it, else ``default``.
+
+    Hydra writes `.hydra/` and the log file into its run folder before the job starts, so one
+    override (`paths.output_dir=...`) must move that folder too, or a run's files end up in two
+    places. The raw value is read (not resolved): by default it points back at the run folder.
+    """
+    paths = _root_.get("paths")
+    if not isinstance(paths, DictConfig) or "output_dir" not in paths:
+        return default
+    chosen = paths._get_node("output_dir")._value()
+    return default if chosen in (RUN_FOLDER_DEFAULT, None) else str(paths.output_dir)
+
+
 def register_schemas() -> None:
     """Idempotent: called by every entry point and by the tests before composing."""
     ConfigStore.instance().store(group="trainer", name="trainer_schema", node=TrainerSchema)
+    OmegaConf.register_new_resolver("vqa.run_dir", run_dir, replace=True)
 
 
 register_schemas()

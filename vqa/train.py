@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from vqa.config_schema import register_schemas
 from vqa.utils import (
     apply_extras,
+    drop_logger_only_callbacks,
     instantiate_callbacks,
     instantiate_loggers,
     set_project_root,
@@ -127,6 +128,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train") and cfg.get("ckpt_path"):
         continue_checkpoints(cfg.ckpt_path, callbacks)
     loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = drop_logger_only_callbacks(callbacks, loggers)
     status = "failed"
     try:
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

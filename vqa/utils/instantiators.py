@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning import Callback
+from pytorch_lightning.callbacks import DeviceStatsMonitor, LearningRateMonitor
 from pytorch_lightning.loggers import Logger
+
+log = logging.getLogger(__name__)
+
+# Callbacks whose only output is logged metrics: Lightning refuses them on a Trainer without a
+# logger (MisconfigurationException at setup), although running without one is an ordinary choice.
+LOGGER_ONLY_CALLBACKS: tuple[type[Callback], ...] = (LearningRateMonitor, DeviceStatsMonitor)
 
 
 def _instantiate_each(group: DictConfig | None, name: str) -> list:
@@ -26,3 +35,18 @@ def instantiate_callbacks(callbacks: DictConfig | None) -> list[Callback]:
 
 def instantiate_loggers(loggers: DictConfig | None) -> list[Logger]:
     return _instantiate_each(loggers, "logger")
+
+
+def drop_logger_only_callbacks(callbacks: list[Callback], loggers: list[Logger]) -> list[Callback]:
+    """Without a logger, the callbacks that only feed one step aside (one log line each)."""
+    if loggers:
+        return callbacks
+    kept = []
+    for cb in callbacks:
+        if isinstance(cb, LOGGER_ONLY_CALLBACKS):
+            log.info(
+                "No logger configured: %s has nothing to log to and is not used.", type(cb).__name__
+            )
+        else:
+            kept.append(cb)
+    return kept

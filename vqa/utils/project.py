@@ -70,17 +70,42 @@ def compose_run_config(
     return cfg
 
 
+# Known-noisy third-party messages, each named, silenced by ``extras.ignore_warnings``. Nothing
+# here may concern a run's correctness (e.g. Lightning's "not resumable" warning must show): a
+# blanket filter on whole libraries once hid exactly such a warning.
+KNOWN_NOISY_WARNINGS: tuple[str, ...] = (
+    # Lightning calls a torch pytree API that newer torch deprecates; nothing for users to do.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Lightning's hint on machines with few cores; workers are a data config choice.
+    r"The '\w+' does not have many workers",
+    # Small synthetic epochs are shorter than the logging interval: epoch-level logs still come.
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+)
+
+
+def silence_known_noise() -> None:
+    for message in KNOWN_NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """Every file of a job goes to one folder: refuse a `paths.output_dir` that Hydra's run
+    folder does not follow (a multirun, whose jobs would all write into that one folder)."""
+    if not HydraConfig.initialized() or "paths" not in cfg or "output_dir" not in cfg.paths:
+        return
+    hydra_dir = HydraConfig.get().runtime.output_dir
+    if os.path.realpath(cfg.paths.output_dir) != os.path.realpath(hydra_dir):
+        raise ValueError(
+            f"paths.output_dir={cfg.paths.output_dir} but this job's Hydra folder is {hydra_dir}: "
+            "in a multirun every job would write into the same folder. Set "
+            "hydra.sweep.dir=<folder> instead (each job gets a numbered subfolder)."
+        )
+
+
 def apply_extras(cfg: DictConfig) -> None:
+    check_output_dir(cfg)
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
-        # Known-harmless chatter from dependencies; our own warnings still show.
-        for module in (
-            "pytorch_lightning",
-            "lightning_fabric",
-            "torch",
-            "transformers",
-            "datasets",
-        ):
-            warnings.filterwarnings("ignore", module=module)
+        silence_known_noise()
     if extras.get("print_config"):
         print_config_tree(cfg)
