@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqa.models.fusion.film import FiLMFusion
+from vqa.models.norms import SafeBatchNorm1d, SafeBatchNorm2d
 
 GRID, CHANNELS, TEXT_DIM, HIDDEN, MAX_COUNT = 4, 3, 8, 32, 5
 
@@ -71,3 +72,79 @@ def test_question_norm_removes_what_all_questions_share() -> None:
 def test_question_norm_rejects_unknown_value() -> None:
     with pytest.raises(ValueError, match="question_norm"):
         FiLMFusion([CHANNELS], TEXT_DIM, hidden_dim=HIDDEN, question_norm="layer")
+
+
+SAFE_NORMS = [
+    (SafeBatchNorm1d, nn.BatchNorm1d, (5, 6)),
+    (SafeBatchNorm1d, nn.BatchNorm1d, (2, 6, 3)),
+    (SafeBatchNorm2d, nn.BatchNorm2d, (2, 6, 3, 3)),
+    (SafeBatchNorm2d, nn.BatchNorm2d, (1, 6, 2, 1)),
+]
+
+
+def trained_pair(safe: type, plain: type, channels: int = 6) -> tuple[nn.Module, nn.Module]:
+    """The two norms with the same non-trivial affine and running statistics."""
+    torch.manual_seed(0)
+    reference = plain(channels)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2.0)
+        reference.bias.normal_()
+        reference.running_mean.normal_()
+        reference.running_var.uniform_(0.5, 2.0)
+        reference.num_batches_tracked.fill_(7)
+    norm = safe(channels)
+    norm.load_state_dict(reference.state_dict())
+    return norm, reference
+
+
+@pytest.mark.parametrize(
+    ("safe", "plain", "shape"), SAFE_NORMS, ids=[f"{s.__name__}-{sh}" for s, _, sh in SAFE_NORMS]
+)
+def test_safe_batch_norm_is_the_plain_one_with_two_values_per_channel(
+    safe: type, plain: type, shape: tuple[int, ...]
+) -> None:
+    """Outputs, gradients, updated statistics and state-dict keys equal ``nn.BatchNorm*`` bit for
+    bit, in train and eval mode, so runs stay reproducible and old checkpoints load."""
+    norm, reference = trained_pair(safe, plain)
+    assert isinstance(norm, plain)
+    assert list(norm.state_dict()) == list(reference.state_dict())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    for train in (True, False):
+        norm.train(train)
+        reference.train(train)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        outs = [norm(xs[0]), reference(xs[1])]
+        assert torch.equal(outs[0], outs[1])
+        upstream = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(2))
+        for out in outs:
+            out.backward(upstream)
+        assert torch.equal(xs[0].grad, xs[1].grad)
+        assert torch.equal(norm.weight.grad, reference.weight.grad)
+        assert torch.equal(norm.bias.grad, reference.bias.grad)
+        for key, value in reference.state_dict().items():
+            assert torch.equal(norm.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("safe", "plain", "shape"),
+    [(SafeBatchNorm1d, nn.BatchNorm1d, (1, 6)), (SafeBatchNorm2d, nn.BatchNorm2d, (1, 6, 1, 1))],
+    ids=["1d", "2d"],
+)
+def test_safe_batch_norm_uses_running_statistics_on_one_value_per_channel(
+    safe: type, plain: type, shape: tuple[int, ...]
+) -> None:
+    """Where ``nn.BatchNorm*`` raises, it normalises as in eval mode, passes gradient to its
+    input and affine, and learns nothing into its statistics from that single value."""
+    norm, reference = trained_pair(safe, plain)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        reference.train()(x)
+    before = {key: value.clone() for key, value in norm.state_dict().items()}
+    xs = x.clone().requires_grad_()
+    out = norm.train()(xs)
+    assert torch.equal(out, reference.eval()(x))
+    out.pow(2).sum().backward()
+    assert xs.grad.abs().sum() > 0
+    assert norm.weight.grad.abs().sum() > 0 and norm.bias.grad.abs().sum() > 0
+    for key, value in norm.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed"

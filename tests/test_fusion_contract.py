@@ -2,7 +2,8 @@
 
 Shapes and ``out_dim``; padding never changes anything; attention maps are distributions with
 exactly zero weight on padding; every parameter learns; samples do not leak into each other;
-the optional knobs (top_k, residual, spatial_constraint, positional) keep all of the above.
+the optional knobs (top_k, residual, spatial_constraint, positional) keep all of the above;
+a training batch of a single question neither crashes nor goes non-finite.
 """
 
 from __future__ import annotations
@@ -226,6 +227,40 @@ def test_gradients_reach_every_parameter(path: Path) -> None:
             assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
             assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
     # Single-scale blocks read the last stage only; every block reads that one.
+    assert visual[-1].grad is not None and visual[-1].grad.abs().sum() > 0
+    assert (text.grad[~mask] == 0).all(), "gradient flows into padding"
+    assert text.grad[mask].abs().sum() > 0
+
+
+SINGLE_CASES = [(path, {}) for path in FUSION_CONFIGS] + VARIANT_CASES
+
+
+@pytest.mark.parametrize(
+    ("path", "variant"),
+    SINGLE_CASES,
+    ids=[p.stem + (f"-{v}" if v else "") for p, v in SINGLE_CASES],
+)
+def test_training_batch_of_one_question(path: Path, variant: dict[str, Any]) -> None:
+    """The train loader keeps its last partial batch, so a rank whose question count is one
+    more than a multiple of the batch size trains on a single question: blocks with batch
+    statistics must not crash or go non-finite there."""
+    block = build(path, **variant).train()
+    visual, text, mask = inputs()
+    keep = 1  # the padded question: padding must stay inert at B=1 too
+    visual = [v[keep : keep + 1].clone().requires_grad_() for v in visual]
+    text, mask = text[keep : keep + 1].clone().requires_grad_(), mask[keep : keep + 1]
+    out = block(visual, text, mask)
+    assert out.features.shape == (1, block.out_dim)
+    assert torch.isfinite(out.features).all()
+    check_maps(out, mask)
+    g = torch.Generator().manual_seed(1)
+    loss = (out.features * torch.randn(out.features.shape, generator=g)).sum()
+    for att in out.attention.values():
+        loss = loss + (att * torch.randn(att.shape, generator=g)).sum()
+    loss.backward()
+    for name, param in block.named_parameters():
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
     assert visual[-1].grad is not None and visual[-1].grad.abs().sum() > 0
     assert (text.grad[~mask] == 0).all(), "gradient flows into padding"
     assert text.grad[mask].abs().sum() > 0

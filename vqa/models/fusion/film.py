@@ -25,7 +25,8 @@ start, hence ``glimpses: 0``.
 Attention maps: with glimpses, the image map is their mean; without, each cell's share of the
 summed read-out (the sum of its non-negative conditioned features). The question map is uniform over the
 real words, which is what the mean does. BatchNorm couples the samples of a batch in train mode
-only, as in ``cot``.
+only, as in ``cot``. Both norms fall back to their running statistics on a training batch of one
+question (``vqa.models.norms``): the train loader keeps its last partial batch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from vqa.models.fusion.base import FusionBlock, FusionOutput, grid_boxes, masked_mean
+from vqa.models.norms import SafeBatchNorm1d, SafeBatchNorm2d
 
 # Scale of the summed read-out: keeps it O(1..10) on the grids in use (49 to 784 cells) without
 # dividing by the number of cells, which would make a count depend on the grid size.
@@ -65,11 +67,11 @@ class FiLMFusion(FusionBlock):
             raise ValueError(f"question_norm={question_norm!r} must be one of {QUESTION_NORMS}")
         dim = hidden_dim // 2
         self.cell_proj = nn.Sequential(
-            nn.Conv2d(self.visual_channels[-1], dim, 1), nn.BatchNorm2d(dim), nn.ReLU()
+            nn.Conv2d(self.visual_channels[-1], dim, 1), SafeBatchNorm2d(dim), nn.ReLU()
         )
         self.position = nn.Linear(4, dim) if positional else None
         self.text_proj = nn.Linear(self.text_dim, dim)
-        self.question_norm = nn.BatchNorm1d(dim) if question_norm == "batch" else nn.Identity()
+        self.question_norm = SafeBatchNorm1d(dim) if question_norm == "batch" else nn.Identity()
         self.cell_mlp = nn.Sequential(
             nn.Linear(3 * dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()
         )
