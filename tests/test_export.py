@@ -3,6 +3,7 @@ lengths, the safetensors round trip, and the files a consumer needs."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -14,19 +15,30 @@ import onnxruntime
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun, tiny_run
 from vqa import export as vqa_export
-from vqa.checkpoint import TrainedModel, load_checkpoint
+from vqa.checkpoint import TrainedModel, build_model, load_checkpoint
 from vqa.export import (
     CONFIG_FILE,
+    INPUT_NAMES,
+    MIN_QUESTION_TOKENS,
     ONNX_FILE,
     ExportError,
+    LogitsModel,
     check_onnx,
+    example_inputs,
     export_checkpoint,
+    export_onnx,
     load_safetensors_export,
 )
 from vqa.predict import Predictor
+from vqa.utils.project import CONFIG_DIR
+
+TOP_K_FUSIONS = ["parallel", "alternating", "multihead", "cot", "hierarchical"]
+# Longer than the traced example and than k=32: a k or a length baked in at tracing would show.
+LONG_QUESTION_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +147,39 @@ def test_safetensors_round_trip(run: TinyRun, trained: TrainedModel, tmp_path: P
 def test_unknown_format(run: TinyRun, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="format must be one of"):
         export_checkpoint(run.ckpt, tmp_path, "torchscript")
+
+
+def with_fusion(trained: TrainedModel, fusion: str, **options) -> TrainedModel:
+    """``trained`` with its fusion block replaced by ``configs/fusion/<fusion>.yaml`` + options
+    (random weights: export parity does not need a trained block)."""
+    config = copy.deepcopy(trained.run_config)
+    block = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "fusion" / f"{fusion}.yaml"))
+    block.update(hidden_dim=config["model"]["fusion"]["hidden_dim"], **options)
+    config["model"]["fusion"] = block
+    torch.manual_seed(0)
+    model = build_model(config["model"], len(trained.answer_vocab), len(trained.tokenizer))
+    return dataclasses.replace(trained, model=model.eval(), run_config=config)
+
+
+@pytest.mark.parametrize("k", [4, 32])
+@pytest.mark.parametrize("fusion", TOP_K_FUSIONS)
+def test_top_k_fusion_exports_for_any_question_length(
+    trained: TrainedModel, fusion: str, k: int, tmp_path: Path
+) -> None:
+    """k is clamped to each row's real keys inside the graph: a k above the export check's
+    3-token question exports, and the graph keeps k words of a question longer than k."""
+    sparse = with_fusion(trained, fusion, top_k=k, spatial_constraint=True)
+    path = tmp_path / ONNX_FILE
+    assert export_onnx(sparse, path) <= 1e-4  # its own check includes a 3-token question
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dense = with_fusion(trained, fusion, top_k=None, spatial_constraint=True)
+    dense.model.load_state_dict(sparse.model.state_dict())
+    for seq_len in (MIN_QUESTION_TOKENS, LONG_QUESTION_TOKENS):
+        inputs = example_inputs(sparse, batch_size=3, seq_len=seq_len, seed=seq_len)
+        with torch.inference_mode():
+            expected = LogitsModel(sparse.model)(*inputs).numpy()
+            unsparsified = LogitsModel(dense.model)(*inputs).numpy()
+        (got,) = session.run(None, dict(zip(INPUT_NAMES, (x.numpy() for x in inputs), strict=True)))
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+        if seq_len > k:  # top-k bites on the question, so the check above is not vacuous
+            assert not np.allclose(expected, unsparsified, atol=1e-4)

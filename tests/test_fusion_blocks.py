@@ -163,9 +163,9 @@ def reference_multihead(
             q = F.linear(words, block.query.weight[rows], block.query.bias[rows])
             key = F.linear(cells, block.key.weight[rows], block.key.bias[rows])
             affinity = q @ key.T / math.sqrt(d)
-            if constraint is not None:
-                affinity = affinity * constraint
-            per_word = sparse_softmax(affinity, k)  # [n, M]
+            # The spatial prior w enters each word's softmax over cells as + log w.
+            prior = 0.0 if constraint is None else constraint.log()
+            per_word = sparse_softmax(affinity + prior, k)  # [n, M]
             a_q = sparse_softmax(affinity.T, k).mean(0)  # [n]
             a_v = a_q @ per_word  # [M]
             heads_v.append(a_v @ cells[:, rows])

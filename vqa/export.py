@@ -131,8 +131,8 @@ def check_onnx(trained: TrainedModel, path: str | Path, atol: float = 1e-4) -> f
         except Exception as err:  # onnxruntime raises its own untyped Fail errors
             raise ExportError(
                 f"the ONNX model fails on batch {batch_size}, {seq_len} tokens: {err}. Tracing "
-                "baked in a shape a Python branch depends on (e.g. fusion top_k vs sequence "
-                "length); export with another fusion setting or report it."
+                "baked in a shape a Python branch depends on (e.g. an int taken from a tensor's "
+                "size); export with another fusion setting or report it."
             ) from err
         diff = float(np.abs(got - expected).max())
         worst = max(worst, diff)

@@ -7,9 +7,9 @@ Lu et al.'s guided attention ``A(X; g)``::
 First the question is summarised with no guidance (g = 0), then each step attends the grid
 guided by the current question vector and the words guided by the attended image vector, so
 each attention is refined by the other modality's latest view. Every step has its own
-weights. There is no word x cell affinity here, so ``spatial_constraint`` applies the seed's
-sigmoid(MLP(box)) cell weights to the image attention itself (softmax(l + log w) is
-proportional to w * exp(l)), which stays a down-weighting whatever the logits' sign.
+weights. ``spatial_constraint`` adds the log of the seed's sigmoid(MLP(box)) cell weights to
+every image attention's logits (``add_log_prior``): softmax(l + log w) is proportional to
+w * exp(l), a down-weighting whatever the logits' sign.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
     GridAndWords,
+    add_log_prior,
     keep_top_k,
     masked_mean,
     masked_softmax,
@@ -87,20 +88,12 @@ class AlternatingCoAttention(FusionBlock):
         height, width = x.height, x.width
         mean_cell = cells.mean(dim=1) if self.residual else None
         mean_word = masked_mean(words, mask) if self.residual else None
-        # Clamped so a saturated sigmoid cannot turn a whole row into -inf.
-        log_prior = (
-            None
-            if constraint is None
-            else constraint.clamp_min(torch.finfo(constraint.dtype).tiny).log()
-        )
 
         question, question_att = self._attend(words, self.summary(words), mask, mean_word)
         for image_attention, question_attention in zip(
             self.image_steps, self.question_steps, strict=True
         ):
-            image_logits = image_attention(cells, question)
-            if log_prior is not None:
-                image_logits = image_logits + log_prior
+            image_logits = add_log_prior(image_attention(cells, question), constraint)
             image, image_att = self._attend(cells, image_logits, None, mean_cell)
             question, question_att = self._attend(
                 words, question_attention(words, image), mask, mean_word

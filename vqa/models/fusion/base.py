@@ -79,13 +79,18 @@ def grid_boxes(height: int, width: int, device=None, dtype=None) -> Tensor:
 def keep_top_k(logits: Tensor, k: int | None, valid: Tensor | None = None) -> Tensor:
     """Boolean mask of the ``k`` largest valid logits along the last dim (sparse attention).
 
-    ``k=None`` or ``k >= number of keys`` keeps every valid key, so top-k then equals dense.
+    ``k=None`` or ``k >=`` a row's number of valid keys keeps every valid key of that row, so
+    top-k then equals dense.
     """
     keep = torch.ones_like(logits, dtype=torch.bool) if valid is None else valid.expand_as(logits)
-    if k is None or k >= logits.shape[-1]:
+    if k is None:
         return keep
+    # No static k reaches topk and no Python branch looks at a length: an exported graph then
+    # serves any question length, and k is clamped per row to the keys that row really has.
     scores = logits.masked_fill(~keep, float("-inf"))
-    kth = scores.topk(k, dim=-1).values[..., -1:]
+    ranked = scores.sort(dim=-1, descending=True).values
+    count = keep.sum(dim=-1, keepdim=True)
+    kth = ranked.gather(-1, (count.clamp(max=k) - 1).clamp_min(0))
     return keep & (scores >= kth)
 
 
@@ -100,6 +105,19 @@ def masked_softmax(logits: Tensor, mask: Tensor | None = None, dim: int = -1) ->
     logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
     weights = torch.softmax(logits, dim=dim) * mask
     return weights / weights.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def add_log_prior(logits: Tensor, prior: Tensor | None) -> Tensor:
+    """``logits + log(prior)`` over the last (cell) dim: the spatial constraint's one form.
+
+    softmax(l + log w) is proportional to w * exp(l), so a smaller weight lowers its cell's
+    share whatever the sign of l; scaling l by w would raise it where l < 0. ``prior`` [1, M]
+    broadcasts over any leading dims of ``logits`` [..., M].
+    """
+    if prior is None:
+        return logits
+    # Clamped so a saturated sigmoid cannot turn a whole row into -inf.
+    return logits + prior.clamp_min(torch.finfo(prior.dtype).tiny).log()
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -118,7 +136,8 @@ class SpatialGrid(nn.Module):
 
     Each cell's normalised box is embedded and added to the projected cell feature, so
     relational questions ("left of") are answerable; ``constraint`` additionally yields the
-    seed's spatial-constraint weights sigmoid(MLP(box)) per cell to scale affinities.
+    seed's spatial-constraint weights w = sigmoid(MLP(box)) per cell, a prior over cells that
+    the attention blocks apply with ``add_log_prior`` (early fusion pools by w directly).
     ``norm="batch"`` batch-normalises the stage's channels before the projection: maps that no
     trained BatchNorm has normalised (a frozen random encoder read from the feature cache)
     otherwise kept parallel, alternating and multihead at the question-only prior (issue 5).

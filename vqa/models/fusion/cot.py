@@ -5,7 +5,8 @@ Per stage the keys come from a grouped 3x3 convolution (each key sees its neighb
 + norm. Keys get the cells' box embedding (and optionally the spatial-constraint weights)
 through ``SpatialGrid``. With scaled affinity ``S = q k^T / sqrt(d)`` [N, M]:
 
-* every real word's distribution over cells is softmax(S) (top-k sparse if asked);
+* every real word's distribution over cells is softmax(S) (top-k sparse if asked), or
+  softmax(S + log w) with the spatial constraint's cell weights w (``add_log_prior``);
 * question attention = mean over cells of each cell's distribution over the real words;
 * image attention = those word distributions weighted by the question attention.
 
@@ -29,6 +30,7 @@ from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
     SpatialGrid,
+    add_log_prior,
     flatten_grid,
     keep_top_k,
     masked_softmax,
@@ -83,9 +85,8 @@ class CoTStage(nn.Module):
         queries = self.query(text)  # [B, N, D]
 
         affinity = (queries @ keys.transpose(1, 2)) * self.scale  # [B, N, M]
-        if constraint is not None:
-            affinity = affinity * constraint.unsqueeze(1)
-        per_word = masked_softmax(affinity, keep_top_k(affinity, self.top_k))
+        cell_logits = add_log_prior(affinity, constraint)
+        per_word = masked_softmax(cell_logits, keep_top_k(cell_logits, self.top_k))
         by_cell = affinity.transpose(1, 2)  # [B, M, N]
         per_cell = masked_softmax(by_cell, keep_top_k(by_cell, self.top_k, mask.unsqueeze(1)))
         question_att = per_cell.mean(dim=1)  # [B, N]

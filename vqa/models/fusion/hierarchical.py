@@ -11,6 +11,9 @@ and the attended pairs are combined recursively, so coarser levels refine finer 
 
     h_w = tanh(W_w(q_w + v_w));  h_p = tanh(W_p[q_p + v_p, h_w]);  h_s = tanh(W_s[q_s + v_s, h_p])
 
+``spatial_constraint`` adds the log of the cells' prior weights to every level's image logits
+before their softmax (``add_log_prior``).
+
 Padding is zeroed before every convolution and masked after every level, so padded tokens
 never reach a real position.
 """
@@ -25,6 +28,7 @@ from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
     GridAndWords,
+    add_log_prior,
     keep_top_k,
     masked_softmax,
 )
@@ -47,7 +51,7 @@ class ParallelLevel(nn.Module):
     """Lu et al. parallel co-attention: both attentions read one affinity matrix C.
 
     C = tanh(Q W_b V^T / sqrt(d)); H_v = tanh(V W_v + C^T Q W_q); H_q = tanh(Q W_q + C V W_v);
-    a_v = softmax(H_v w_v), a_q = softmax(H_q w_q) over real words.
+    a_v = softmax(H_v w_v [+ log prior]), a_q = softmax(H_q w_q) over real words.
     """
 
     def __init__(self, dim: int, top_k: int | None) -> None:
@@ -66,20 +70,20 @@ class ParallelLevel(nn.Module):
         """cells [B, M, D], words [B, N, D] -> (image attention [B, M], question attention [B, N])."""
         # 1/sqrt(d) keeps tanh out of saturation at realistic widths (Lu et al. have no scale).
         affinity = torch.tanh(self.bilinear(words) @ cells.transpose(1, 2) * self.scale)
-        if constraint is not None:
-            affinity = affinity * constraint.unsqueeze(1)
         # Padded words must not steer the image attention through C^T.
         affinity = affinity.masked_fill(~mask.unsqueeze(-1), 0.0)
         image, question = self.image(cells), self.question(words)
         image_hidden = torch.tanh(image + affinity.transpose(1, 2) @ question)
         question_hidden = torch.tanh(question + affinity @ image)
-        image_att = _attend(self.image_score(image_hidden).squeeze(-1), None, self.top_k)
+        image_logits = add_log_prior(self.image_score(image_hidden).squeeze(-1), constraint)
+        image_att = _attend(image_logits, None, self.top_k)
         question_att = _attend(self.question_score(question_hidden).squeeze(-1), mask, self.top_k)
         return image_att, question_att
 
 
 class GuidedAttention(nn.Module):
-    """One alternating step: x_hat = sum_i a_i x_i, a = softmax(w^T tanh(W_x x_i + W_g g))."""
+    """One alternating step: x_hat = sum_i a_i x_i, a = softmax(w^T tanh(W_x x_i + W_g g)),
+    plus log prior_i in the logits for the image step with the spatial constraint."""
 
     def __init__(self, dim: int, guided: bool, top_k: int | None) -> None:
         super().__init__()
@@ -100,9 +104,7 @@ class GuidedAttention(nn.Module):
         hidden = self.feature(x)
         if self.guide is not None:
             hidden = hidden + self.guide(guide).unsqueeze(1)
-        logits = self.score(torch.tanh(hidden)).squeeze(-1)
-        if constraint is not None:
-            logits = logits * constraint
+        logits = add_log_prior(self.score(torch.tanh(hidden)).squeeze(-1), constraint)
         return _attend(logits, valid, self.top_k)
 
 

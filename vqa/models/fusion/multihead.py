@@ -3,14 +3,15 @@
 One head can only express one notion of "this word matches this cell"; several heads let a
 question look for colour, shape and location at once (seed 000, "多头部扩展"). Per head::
 
-    S_h   = (W_q q)_h (W_k v)_h^T / sqrt(d_h) [* spatial constraint]        [N, M]
-    P_h   = softmax over cells of S_h   (each real word's distribution over cells)
+    S_h   = (W_q q)_h (W_k v)_h^T / sqrt(d_h)                                 [N, M]
+    P_h   = softmax over cells of S_h [+ log w]  (each real word's distribution over cells)
     R_h   = softmax over real words of S_h^T (each cell's distribution over words)
     a_q,h = mean over cells of R_h        (question attention, 0 on padding)
     a_v,h = a_q,h P_h                     (image attention: words weighted by a_q)
 
 so each head's maps are exactly the weights of its pooled features; the plotted maps average
-the heads.
+the heads. ``spatial_constraint`` adds the log of the cells' prior weights w to P_h's logits
+(``add_log_prior``); R_h would not change, a per-cell shift being lost in its softmax.
 The attended grid tokens and words of every head are concatenated, fused as [v, q, v * q]
 and projected to ``hidden_dim``.
 """
@@ -26,6 +27,7 @@ from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
     GridAndWords,
+    add_log_prior,
     keep_top_k,
     masked_mean,
     masked_softmax,
@@ -81,10 +83,9 @@ class MultiheadCoAttention(FusionBlock):
 
         affinity = self._heads(self.query(words)) @ self._heads(self.key(cells)).transpose(-1, -2)
         affinity = affinity / math.sqrt(self.head_dim)  # [B, h, N, M]
-        if constraint is not None:
-            affinity = affinity * constraint[:, None, None, :]
 
-        per_word = masked_softmax(affinity, keep_top_k(affinity, self.top_k))
+        cell_logits = add_log_prior(affinity, constraint)
+        per_word = masked_softmax(cell_logits, keep_top_k(cell_logits, self.top_k))
         by_cell = affinity.transpose(-1, -2)  # [B, h, M, N]
         per_cell = masked_softmax(by_cell, keep_top_k(by_cell, self.top_k, mask[:, None, None, :]))
         question_att = per_cell.mean(dim=-2)  # [B, h, N]

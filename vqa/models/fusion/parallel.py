@@ -1,21 +1,29 @@
 """Parallel co-attention (seed 000; Lu et al. 2016): image and question attend at once.
 
-Both attentions come from one affinity between every real word and every grid cell::
+Both attentions come from one scaled affinity between every word and every grid cell
+(Q [N, D] the projected words, V [M, D] the positioned grid tokens, linear maps written as
+functions, softmax over the real words only for a_q)::
 
-    S = Q W_b V^T / sqrt(d) [* spatial constraint],  C = tanh(S)               [N, M]
+    S = W_b(Q) V^T / sqrt(D)                                                    [N, M]
 
 ``form="maxpool"`` (the seed's form): a cell's logit is its best affinity over the real words,
-a word's logit its best affinity over the cells. The max is taken before the tanh (tanh is
-monotonic, so the ranking is the seed's): once trained affinities grow, tanh saturates to 1 on
-every cell, attention turns exactly uniform and its gradient vanishes, which is what the
-seed's literal softmax(max tanh(.)) did in a trained model here.
-``form="lu"``: the affinity transfers each modality into the other's space::
+a word's logit its best affinity over the cells, with no tanh::
 
-    H_v = tanh(W_v V + C^T (W_q Q)),  a_v = softmax(w_hv^T H_v)
-    H_q = tanh(W_q Q + C (W_v V)),    a_q = softmax(w_hq^T H_q)
+    a_v = softmax_m(max_n S_nm),  a_q = softmax_n(max_m S_nm)
 
-Padding words are masked out of every max, sum and softmax. The attended cell and word
-vectors are fused as [v, q, v * q] and projected to ``hidden_dim``.
+The seed's literal softmax(max tanh(S)) ranks the same (tanh is monotonic), but once trained
+affinities grow tanh saturates to 1 on every cell, attention turns exactly uniform and its
+gradient vanishes, which is what it did in a trained model here.
+``form="lu"``: C = tanh(S) transfers each modality into the other's space (padding rows of C
+are zero)::
+
+    H_v = tanh(W_v(V) + C^T W_q(Q)),  a_v = softmax_m(w_hv(H_v))
+    H_q = tanh(W_q(Q) + C W_v(V)),    a_q = softmax_n(w_hq(H_q))
+
+``spatial_constraint`` adds the log of the cells' prior weights to the image logits in either
+form (``add_log_prior``); ``top_k`` keeps the k largest logits of each softmax. The attended
+cell and word vectors (plus the mean cell / mean real word with ``residual``) are fused as
+[v, q, v * q] and projected to ``hidden_dim``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
     GridAndWords,
+    add_log_prior,
     keep_top_k,
     masked_max,
     masked_mean,
@@ -84,8 +93,6 @@ class ParallelCoAttention(FusionBlock):
         height, width = x.height, x.width
 
         scores = self.affinity(words) @ cells.transpose(1, 2) / math.sqrt(cells.shape[-1])
-        if constraint is not None:
-            scores = scores * constraint.unsqueeze(1)  # [B, N, M]
         if self.form == "maxpool":
             image_logits = masked_max(scores, mask)  # [B, M]
             question_logits = scores.amax(dim=-1)  # [B, N]
@@ -100,6 +107,7 @@ class ParallelCoAttention(FusionBlock):
                 torch.tanh(text_hidden + affinity @ image_hidden)
             ).squeeze(-1)
 
+        image_logits = add_log_prior(image_logits, constraint)
         image_att = masked_softmax(image_logits, keep_top_k(image_logits, self.top_k))
         question_att = masked_softmax(
             question_logits, keep_top_k(question_logits, self.top_k, mask)
