@@ -297,3 +297,15 @@ def test_bert_unreachable_hub_tries_cache_then_hub(monkeypatch: pytest.MonkeyPat
     with pytest.raises(OSError, match="HF_HOME"):
         BertTextEncoder("bert-base-uncased")
     assert calls == [True, False]
+
+
+def test_trainable_batch_norm_survives_one_image_with_a_one_cell_map() -> None:
+    """Image-grouped batches can hold one image (its questions fill the batch), and a small
+    image reaches layer4 as one cell: one value per channel, where nn.BatchNorm2d raises."""
+    encoder = ResNetEncoder("resnet18", stages=["layer4"], bn="train").train()
+    image = torch.randn(1, 3, 32, 32, requires_grad=True)
+    (stage,) = encoder(image)
+    assert stage.shape == (1, 512, 1, 1)
+    assert torch.isfinite(stage).all()
+    stage.sum().backward()
+    assert image.grad is not None and torch.isfinite(image.grad).all()

@@ -9,6 +9,7 @@ a training batch of a single question neither crashes nor goes non-finite.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +79,14 @@ def with_more_padding(text: Tensor, mask: Tensor, extra: int = 4) -> tuple[Tenso
     return longer, longer_mask
 
 
-def check_maps(out: FusionOutput, mask: Tensor) -> None:
+def check_maps(out: FusionOutput, mask: Tensor, grids: Sequence[tuple[int, int]] = GRIDS) -> None:
     """Image maps sum to 1 over a stage's grid; question maps over real tokens, 0 on padding."""
     assert out.attention, "a fusion block must expose its attention maps"
     for key, att in out.attention.items():
         assert torch.isfinite(att).all(), key
         assert (att >= 0).all(), key
         if key.startswith("image"):
-            assert att.shape[0] == mask.shape[0] and tuple(att.shape[1:]) in GRIDS, key
+            assert att.shape[0] == mask.shape[0] and tuple(att.shape[1:]) in grids, key
             torch.testing.assert_close(
                 att.sum(dim=(1, 2)), torch.ones(att.shape[0]), atol=ATOL, rtol=0
             )
@@ -240,19 +241,24 @@ SINGLE_CASES = [(path, {}) for path in FUSION_CONFIGS] + VARIANT_CASES
     SINGLE_CASES,
     ids=[p.stem + (f"-{v}" if v else "") for p, v in SINGLE_CASES],
 )
-def test_training_batch_of_one_question(path: Path, variant: dict[str, Any]) -> None:
+@pytest.mark.parametrize("grid", ["grid", "1x1"])
+def test_training_batch_of_one_question(path: Path, variant: dict[str, Any], grid: str) -> None:
     """The train loader keeps its last partial batch, so a rank whose question count is one
     more than a multiple of the batch size trains on a single question: blocks with batch
-    statistics must not crash or go non-finite there."""
+    statistics must not crash or go non-finite there, even when its image's map is one cell
+    (one value per channel: a small image through a deep stage)."""
     block = build(path, **variant).train()
     visual, text, mask = inputs()
+    grids = GRIDS
+    if grid == "1x1":
+        visual, grids = [v[..., :1, :1] for v in visual], [(1, 1)]
     keep = 1  # the padded question: padding must stay inert at B=1 too
     visual = [v[keep : keep + 1].clone().requires_grad_() for v in visual]
     text, mask = text[keep : keep + 1].clone().requires_grad_(), mask[keep : keep + 1]
     out = block(visual, text, mask)
     assert out.features.shape == (1, block.out_dim)
     assert torch.isfinite(out.features).all()
-    check_maps(out, mask)
+    check_maps(out, mask, grids)
     g = torch.Generator().manual_seed(1)
     loss = (out.features * torch.randn(out.features.shape, generator=g)).sum()
     for att in out.attention.values():

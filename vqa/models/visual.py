@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models import WeightsEnum, get_model, get_model_weights
 from torchvision.ops import FrozenBatchNorm2d
 
+from vqa.models.norms import SafeBatchNorm2d
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 STEM = ("conv1", "bn1", "relu", "maxpool")
@@ -64,7 +66,7 @@ class ResNetEncoder(nn.Module):
         self.stage_names = _ordered_stages(stages)
         built = (*STEM, *STAGES[: STAGES.index(self.stage_names[-1]) + 1])
 
-        norm_layer = FrozenBatchNorm2d if bn == "frozen" else nn.BatchNorm2d
+        norm_layer = FrozenBatchNorm2d if bn == "frozen" else SafeBatchNorm2d
         with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
             if init_seed is not None:
                 torch.manual_seed(init_seed)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from vqa.models.norms import SafeBatchNorm2d
+
 GRID_NORMS = ("batch", "none")
 
 
@@ -156,7 +158,7 @@ class SpatialGrid(nn.Module):
         super().__init__()
         if norm not in GRID_NORMS:
             raise ValueError(f"grid_norm={norm!r} must be one of {GRID_NORMS}")
-        self.norm = nn.BatchNorm2d(in_channels) if norm == "batch" else nn.Identity()
+        self.norm = SafeBatchNorm2d(in_channels) if norm == "batch" else nn.Identity()
         self.proj = nn.Linear(in_channels, dim)
         self.position = nn.Linear(4, dim) if positional else None
         self.constraint = (

@@ -35,13 +35,14 @@ from vqa.models.fusion.base import (
     keep_top_k,
     masked_softmax,
 )
+from vqa.models.norms import SafeBatchNorm2d
 
 NORMS = ("batch", "group")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return SafeBatchNorm2d(channels)
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
