@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, Features, Image, List, Value
+from datasets import Dataset, Features, Image, List, Value, load_dataset, load_dataset_builder
 from PIL import Image as PILImage
 
 from vqa.data.collate import VQACollator
@@ -200,8 +201,7 @@ def test_hub_source_validates_rows_and_keeps_images_inside(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = fake_hub_split(root)
-    monkeypatch.setattr("vqa.data.hub.load_dataset", lambda *args, **kwargs: hub)
-    monkeypatch.setattr("vqa.data.hub.check_hub_reachable", lambda what: None)
+    monkeypatch.setattr("vqa.data.hub.load_cached_dataset", lambda *args, **kwargs: hub)
     bad = BadRecordLog("skip")
     loaded = HubSource().load_split(None, "val2014", bad)
     assert bad.counts == {"wrong_answer_count": 1}
@@ -233,7 +233,10 @@ def test_hub_source_fails_fast_offline(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert time.perf_counter() - start < 10
 
 
-def test_hub_source_fails_fast_when_the_hub_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_source_fails_fast_when_the_hub_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr("vqa.data.hub_access.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("vqa.data.hub_access.constants.ENDPOINT", "https://hub.invalid")
@@ -242,8 +245,97 @@ def test_hub_source_fails_fast_when_the_hub_is_unreachable(monkeypatch: pytest.M
     called = []
     monkeypatch.setattr("vqa.data.hub.load_dataset", lambda *a, **k: called.append(a))
     with pytest.raises(HubUnavailableError, match="cannot be reached"):
-        HubSource().load_split(None, "val2014", BadRecordLog())
+        HubSource(cache_dir=str(tmp_path)).load_split(None, "val2014", BadRecordLog())
     assert not called  # no minute of retries inside datasets
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# How lmms-lab/VQAv2 declares its splits (README.md front matter).
+HUB_README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: validation
+    path: data/validation-*
+---
+"""
+
+
+def write_hub_repo(folder: Path, root: Path) -> Path:
+    """The files of a hub dataset repository holding the fixture's val2014 as `validation`."""
+    (folder / "data").mkdir(parents=True)
+    fake_hub_split(root).to_parquet(folder / "data" / "validation-00000-of-00001.parquet")
+    (folder / "README.md").write_text(HUB_README)
+    return folder
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple]:
+    """Online mode (no HF_HUB_OFFLINE) on a machine where every connection fails at once;
+    returns the attempts. The hub cache is an empty folder unless a test fills it."""
+    attempts: list[tuple] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    return attempts
+
+
+def expected_hub_rows(root: Path) -> list[int]:
+    return [q for i, q in enumerate(fake_hub_split(root)["question_id"]) if i != 1]
+
+
+def test_hub_source_reads_a_prepared_copy_without_network_or_offline_mode(
+    root: Path, tmp_path: Path, no_network: list[tuple]
+) -> None:
+    # What an earlier online load leaves in the datasets cache: the Arrow tables under
+    # <namespace>___<name>/<config>/<version>/<commit>. Prepared by datasets itself from the
+    # repository files, then moved to the hub name and commit.
+    cache = tmp_path / "datasets"
+    builder = load_dataset_builder(str(write_hub_repo(tmp_path / "VQAv2", root)), cache_dir=cache)
+    builder.download_and_prepare()
+    prepared = Path(builder.cache_dir)
+    prepared.rename(prepared.with_name(HUB_COMMIT))
+    (cache / "vq_av2").rename(cache / "lmms-lab___vq_av2")
+    with pytest.MonkeyPatch.context() as offline:  # it is the copy datasets reads when offline
+        offline.setattr("datasets.config.HF_HUB_OFFLINE", True)
+        assert len(load_dataset("lmms-lab/VQAv2", split="validation", cache_dir=str(cache))) == 9
+
+    for revision in (None, HUB_COMMIT):
+        bad = BadRecordLog("skip")
+        source = HubSource(cache_dir=str(cache), revision=revision)
+        loaded = source.load_split(None, "val2014", bad)
+        assert loaded.table["question_id"] == expected_hub_rows(root)
+        assert bad.counts == {"wrong_answer_count": 1}
+    assert not no_network  # not even the reachability probe
+    other = HubSource(cache_dir=str(cache), revision="f" * 40)  # a commit not in the cache
+    with pytest.raises(HubUnavailableError, match=r"lmms-lab/VQAv2.*cannot be reached.*HF_HOME"):
+        other.load_split(None, "val2014", BadRecordLog("skip"))
+
+
+def test_hub_source_reads_downloaded_files_without_network_or_offline_mode(
+    root: Path, tmp_path: Path, no_network: list[tuple]
+) -> None:
+    # What `hf download lmms-lab/VQAv2 --repo-type dataset` leaves in the hub cache, which
+    # datasets does not read by itself even with HF_HUB_OFFLINE=1.
+    repo = tmp_path / "hub" / "datasets--lmms-lab--VQAv2"
+    write_hub_repo(repo / "snapshots" / HUB_COMMIT, root)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    source = HubSource(cache_dir=str(tmp_path / "datasets"))
+    for _ in range(2):  # prepared on first use, read back after
+        loaded = source.load_split(None, "val2014", BadRecordLog("skip"))
+        assert loaded.table["question_id"] == expected_hub_rows(root)
+    assert not no_network
 
 
 def test_image_bytes_from_a_table_decode_like_files(root: Path) -> None:

@@ -3,7 +3,8 @@
 The hub copy must carry the official record fields (question_id, image_id, question,
 question_type, answer_type, multiple_choice_answer, answers as {answer, answer_confidence,
 answer_id}) plus the image, as ``lmms-lab/VQAv2`` does. Its rows get the same checks as the
-official files; images stay inside the hub's Arrow cache and are never copied.
+official files; images stay inside the hub's Arrow cache and are never copied. A copy in the
+local caches is used before the network is tried (:func:`vqa.data.hub_access.load_cached_dataset`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from typing import Any
 from datasets import Dataset, Image, concatenate_datasets, load_dataset
 
 from vqa.data.errors import BadRecordLog, DataError
-from vqa.data.hub_access import check_hub_reachable, hub_offline, hub_unavailable
+from vqa.data.hub_access import (
+    check_hub_reachable,
+    hub_offline,
+    hub_unavailable,
+    load_cached_dataset,
+)
 from vqa.data.layout import SPLITS
 from vqa.data.table import FEATURES, SplitTable, build_row
 
@@ -48,24 +54,27 @@ class HubSource:
             raise ValueError(
                 f"{self.path}: no hub split mapped to {split!r}; split_map={self.split_map}"
             )
-        what = f"hub dataset {self.path!r} split {self.split_map[split]!r}"
+        hub_split = self.split_map[split]
+        cached = load_cached_dataset(
+            self.path, self.name, hub_split, revision=self.revision, cache_dir=self.cache_dir
+        )
+        if cached is not None:
+            return cached
+        what = f"hub dataset {self.path!r} split {hub_split!r}"
+        if hub_offline():
+            raise hub_unavailable(what)
         check_hub_reachable(what)
-        try:
-            return load_dataset(
-                self.path,
-                self.name,
-                split=self.split_map[split],
-                revision=self.revision,
-                cache_dir=self.cache_dir,
-            )
-        except OSError as err:  # datasets' ConnectionError is an OSError
-            if hub_offline():
-                raise hub_unavailable(what) from err
-            raise
+        return load_dataset(
+            self.path,
+            self.name,
+            split=hub_split,
+            revision=self.revision,
+            cache_dir=self.cache_dir,
+        )
 
     def prepare(self, root: Path | None) -> None:
-        """Nothing to do up front: ``load_split`` downloads into the datasets cache, whose file
-        locks make concurrent ranks wait for one download."""
+        """Nothing to do up front: ``load_split`` reads the local caches, or downloads into the
+        datasets cache, whose file locks make concurrent ranks wait for one download."""
 
     def load_split(self, root: Path | None, split: str, bad: BadRecordLog) -> SplitTable:
         hub = self._load(split)
