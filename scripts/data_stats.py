@@ -1,7 +1,8 @@
 """Figures of the default synthetic set: generation time and size, a question-only baseline,
-and data-loader throughput with the default transforms.
+and data-loader throughput (questions/s) with the default transforms.
 
     python scripts/data_stats.py [--root DIR] [--workers 0 2] [--batches 40]
+                                 [--questions-per-image N]
 
 The baseline predicts, for each question_type, the most common training answer and is scored
 with the official VQA accuracy on val2014: the floor a model that looks at the image must beat.
@@ -10,6 +11,7 @@ with the official VQA accuracy on val2014: the floor a model that looks at the i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -57,24 +59,27 @@ def question_type_baseline(root: Path) -> dict[str, float]:
     return result
 
 
-def loader_throughput(root: Path, num_workers: int, batches: int) -> float:
-    """Training samples per second through the default data config (decode, resize, normalise,
-    tokens, targets, collate), after one warm-up batch."""
+def loader_throughput(root: Path, config: ShapesConfig, num_workers: int, batches: int) -> float:
+    """Training questions per second through the default data config (decode, resize, normalise,
+    tokens, targets, collate) on the set ``config`` generated, after one warm-up batch."""
+    data = OmegaConf.load(CONFIG)
+    data.source = OmegaConf.merge(data.source, dataclasses.asdict(config))
     cfg = OmegaConf.create(
         {
             "paths": {"data_dir": str(root.parent)},
+            "seed": 0,
             "model": {"text": {"name_or_path": None}},
-            "data": OmegaConf.load(CONFIG),
+            "data": data,
         }
     )
     dm = instantiate(cfg.data, root=str(root), cache_dir=None, num_workers=num_workers)
     dm.setup("fit")
     loader = iter(dm.train_dataloader())
     next(loader)
-    start, samples = time.perf_counter(), 0
+    start, questions = time.perf_counter(), 0
     for _ in range(batches):
-        samples += len(next(loader)["question_id"])
-    return samples / (time.perf_counter() - start)
+        questions += len(next(loader)["question_id"])
+    return questions / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -82,11 +87,18 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help="where to generate (default: a temporary folder)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batches", type=int, default=40, help="timed batches per worker setting")
+    parser.add_argument(
+        "--questions-per-image",
+        type=int,
+        default=ShapesConfig.questions_per_image,
+        help="of the generated set (VQA v2 averages 5.4); the loader decodes once per image",
+    )
     args = parser.parse_args()
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp) / "shapes"
-        config = ShapesConfig()  # the defaults, as in configs/data/shapes.yaml
+        # The defaults, as in configs/data/shapes.yaml, unless told otherwise.
+        config = ShapesConfig(questions_per_image=args.questions_per_image)
         start = time.perf_counter()
         manifest = generate(root, config)
         seconds = time.perf_counter() - start
@@ -105,8 +117,8 @@ def main() -> None:
         console.print(table)
 
         for workers in args.workers:
-            rate = loader_throughput(root, workers, args.batches)
-            console.print(f"train loader, num_workers={workers}: {rate:.0f} samples/s")
+            rate = loader_throughput(root, config, workers, args.batches)
+            console.print(f"train loader, num_workers={workers}: {rate:.0f} questions/s")
 
 
 if __name__ == "__main__":

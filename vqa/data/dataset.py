@@ -1,10 +1,11 @@
-"""A split as map-style torch datasets: one sample dict per question (image decoded lazily, or
-its row in a feature store), and each distinct image once for the feature extractor."""
+"""A split as map-style torch datasets: one sample dict per question (image decoded lazily, once
+per distinct image of a batch, or its row in a feature store), and each distinct image once for
+the feature extractor."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from datasets import Dataset
 from PIL import Image
 
 from vqa.data.errors import DataError, OnBadRecord
-from vqa.data.images import load_rgb
+from vqa.data.images import load_rgb, split_deterministic
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,33 @@ class VQADataset(torch.utils.data.Dataset):
         self.table, self.encoded, self.transform = table, encoded, transform
         self.annotated, self.on_bad_record = annotated, on_bad_record
         self.feature_rows = feature_rows
+        self._head, self._tail = (
+            (None, None) if transform is None else split_deterministic(transform)
+        )
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def _visual(self, index: int, row: dict[str, Any]) -> dict[str, Any] | None:
+    def _pixels(self, row: dict[str, Any], shared: dict[int, Any] | None) -> torch.Tensor:
+        """The transformed image of ``row``; with ``shared`` (per batch, by image id), the decode
+        and the deterministic head of the transform are done once per image."""
+        if shared is None:
+            return self.transform(row_image(row))
+        image_id = row["image_id"]
+        if image_id not in shared:
+            try:
+                image = row_image(row)
+                shared[image_id] = image if self._head is None else self._head(image)
+            except DataError as err:
+                shared[image_id] = err
+        head = shared[image_id]
+        if isinstance(head, DataError):
+            raise head
+        return head if self._tail is None else self._tail(head)
+
+    def _visual(
+        self, index: int, row: dict[str, Any], shared: dict[int, Any] | None = None
+    ) -> dict[str, Any] | None:
         if self.feature_rows is not None:
             feature_row = int(self.feature_rows[index])
             if feature_row < 0:
@@ -74,7 +97,7 @@ class VQADataset(torch.utils.data.Dataset):
                 return None
             return {"feature_row": feature_row}
         try:
-            return {"image": self.transform(row_image(row))}
+            return {"image": self._pixels(row, shared)}
         except DataError as err:
             if self.on_bad_record == "error":
                 raise
@@ -82,11 +105,35 @@ class VQADataset(torch.utils.data.Dataset):
             return None
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        row = self.table[index]
-        visual = self._visual(index, row)
+        return self._sample(index, self.table[index], self.encoded[index], None)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any] | None]:
+        """``[self[i] for i in indices]``, with each distinct image decoded once.
+
+        torch's DataLoader fetches a batch through this method when a dataset has one. The
+        collator keeps one image per image id and batch, and an image-grouped sampler puts an
+        image's questions side by side, so decoding per question would redo the same work for
+        each of them. A random tail of the transform (augmentation) still runs per question, in
+        the same order, so it draws the same random numbers and the batch stays the same.
+        """
+        indices = [int(i) for i in indices]
+        rows, encoded = _rows(self.table[indices]), _rows(self.encoded[indices])
+        shared: dict[int, Any] = {}
+        return [
+            self._sample(index, row, enc, shared)
+            for index, row, enc in zip(indices, rows, encoded, strict=True)
+        ]
+
+    def _sample(
+        self,
+        index: int,
+        row: dict[str, Any],
+        encoded: dict[str, Any],
+        shared: dict[int, Any] | None,
+    ) -> dict[str, Any] | None:
+        visual = self._visual(index, row, shared)
         if visual is None:
             return None
-        encoded = self.encoded[index]
         sample = {
             **visual,
             "input_ids": encoded["input_ids"],
@@ -101,6 +148,13 @@ class VQADataset(torch.utils.data.Dataset):
             sample["target_index"] = encoded["target_index"]
             sample["target_score"] = encoded["target_score"]
         return sample
+
+
+def _rows(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """A batch read from a table (a list per column) as one dict per row."""
+    return [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
 
 
 class DistinctImages(torch.utils.data.Dataset):

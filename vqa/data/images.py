@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -80,3 +82,28 @@ def build_transform(image_size: int, augment: bool = False) -> v2.Compose:
         v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ]
     return v2.Compose(ops)
+
+
+# Ops whose output depends on their input alone: they draw no random numbers.
+DETERMINISTIC_OPS = (v2.Resize, v2.PILToTensor, v2.ToDtype, v2.Normalize)
+
+Step = Callable[[Any], Any]
+
+
+def split_deterministic(transform: Step) -> tuple[Step | None, Step | None]:
+    """``transform`` as ``(head, tail)`` with ``tail(head(image)) == transform(image)`` bit for
+    bit (``None``: an empty part).
+
+    ``head`` is the run of leading ops that draw no random numbers, so its result can be
+    computed once per image and shared by the image's questions. ``tail`` starts at the first
+    other op and must run once per question, so that each call draws the random numbers it
+    always drew. An op not known to be deterministic counts as random: at worst it is run
+    more often than needed.
+    """
+    ops = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+    cut = 0
+    while cut < len(ops) and isinstance(ops[cut], DETERMINISTIC_OPS):
+        cut += 1
+    head = v2.Compose(ops[:cut]) if cut else None
+    tail = v2.Compose(ops[cut:]) if cut < len(ops) else None
+    return head, tail
