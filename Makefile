@@ -12,7 +12,7 @@ ARGS    ?=
 CKPT    ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train eval sweep test test-full lint format bench clean
+.PHONY: help install train eval sweep test test-full lint format bench soak clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,6 +60,11 @@ format: $(STAMP) ## Ruff autofix + format
 
 bench: $(STAMP) ## Benchmarks (JSON + markdown table under logs/bench)
 	$(PYTHON) scripts/benchmark.py $(ARGS)
+
+# ARGS here are the script's options, then Hydra overrides: ARGS="--minutes 20 fusion=parallel".
+# It builds the quick-start's feature cache first, as `make train` does.
+soak: $(STAMP) ## Memory/step-time soak of the quick-start (ARGS="--minutes 20"; logs/soak)
+	$(PYTHON) scripts/soak.py $(ARGS)
 
 clean: ## Remove caches and outputs (keeps .venv and data/)
 	rm -rf logs .pytest_cache .ruff_cache outputs multirun

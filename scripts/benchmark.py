@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +238,18 @@ def fusion_names(selected: Sequence[str] | None) -> list[str]:
 
 
 QUIET_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch")
+
+
+@contextlib.contextmanager
+def quieted() -> Iterator[None]:
+    """:func:`quiet` for the block; a caller (a test session) gets its logging back."""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    quiet()
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def quiet() -> None:
@@ -1253,13 +1265,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the chosen sections, write ``benchmark.json`` / ``benchmark.md``; returns the report."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    quiet()
-    try:
+    with quieted():
         return run(args, argv)
-    finally:  # a caller (a test session) gets its logging back
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:

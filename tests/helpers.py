@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -47,6 +48,13 @@ TINY_OVERRIDES: list[str] = [
     "callbacks.rich_model_summary=null",
     "extras.print_config=false",
 ]
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Bit-equal tensors, or lists of them (a metric's list states in a state dict)."""
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(same_state, a, b))
+    return torch.equal(a, b)
 
 
 def compose_config(

@@ -357,7 +357,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path: Path)
 def test_rng_state_is_restored_only_when_resuming_a_fit(make_module) -> None:
     module = make_module()
     torch.manual_seed(3)
-    checkpoint: dict[str, Any] = {}
+    checkpoint: dict[str, Any] = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     expected = torch.rand(4)
 
@@ -368,6 +368,7 @@ def test_rng_state_is_restored_only_when_resuming_a_fit(make_module) -> None:
     module.on_load_checkpoint(checkpoint)
     assert not torch.equal(torch.rand(4), expected)
 
-    attach_stub_trainer(module, state=SimpleNamespace(fn=TrainerFn.FITTING))
+    fitting = SimpleNamespace(fn=TrainerFn.FITTING)
+    attach_stub_trainer(module, state=fitting, world_size=1, global_rank=0)
     module.on_load_checkpoint(checkpoint)
     assert torch.equal(torch.rand(4), expected)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, open_dict
 
 from tests.helpers import CONFIG_DIR, TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
 from vqa.data.artifacts import artifacts_from_dict
-from vqa.train import build_components, metric_value, train
+from vqa.train import build_components, metric_value, no_validation_reason, train
 
 FUSIONS = sorted(p.stem for p in (CONFIG_DIR / "fusion").glob("*.yaml"))
 
@@ -47,13 +47,16 @@ def test_fast_dev_run_every_fusion(cfg_train: DictConfig, fusion: str) -> None:
 def test_fit_checkpoint_and_test(cfg_train: DictConfig) -> None:
     with open_dict(cfg_train):
         cfg_train.trainer.max_epochs = 2
-    metrics, _ = train(cfg_train)
+    metrics, objects = train(cfg_train)
 
     assert {"val/acc", "val/acc_best", "test/acc", "train/loss_epoch"} <= set(metrics)
     assert metrics["val/acc_best"] >= metrics["val/acc"] - 1e-6
     assert metric_value(metrics, "val/acc_best") == metrics["val/acc_best"]
-    with pytest.raises(KeyError, match="optimized_metric"):
-        metric_value(metrics, "val/nope")
+    assert no_validation_reason(objects["trainer"]) is None
+    # a sweeper's objective must exist; validation ran, so a missing one is a wrong name
+    with pytest.raises(KeyError, match="optimized_metric='val/nope' was never logged although"):
+        metric_value(metrics, "val/nope", required=True)
+    assert metric_value(metrics, "val/nope", required=False) is None
 
     out = Path(cfg_train.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"

@@ -53,6 +53,7 @@ class TrainerSchema:
     enable_checkpointing: bool | None = None
     reload_dataloaders_every_n_epochs: int = 0
     barebones: bool = False
+    plugins: Any = None
 
 
 # What `paths.output_dir` holds unless the user names a folder: the run folder Hydra made.

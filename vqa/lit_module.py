@@ -71,6 +71,23 @@ def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def check_same_world_size(saved: int, current: int) -> None:
+    """Refuse to resume a fit on another number of processes.
+
+    Each rank's loader position, the global batch and so the LR schedule's length are those of
+    the run that wrote the checkpoint: on another world size the resumed run would train on
+    other batches, some twice, with a schedule of another length. An exact resume is the point
+    of resuming; to go on with other hardware, start a new run from the weights.
+    """
+    if saved != current:
+        raise RuntimeError(
+            f"This checkpoint was written by a run on {saved} process(es) (devices x nodes) and "
+            f"this run has {current}: resuming would replay other batches with a schedule of "
+            f"another length. Resume with the same trainer.devices/num_nodes (here: {saved} in "
+            "all), or start a new run from its weights."
+        )
+
+
 class VQALitModule(LightningModule):
     """Trains a `VQAModel` on soft-score targets and scores it with the official VQA accuracy.
 
@@ -128,9 +145,13 @@ class VQALitModule(LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         # Persistent: the best accuracy so far is part of the run, and a resumed run must not
-        # forget it (checkpoint selection and sweepers read val/acc_best).
+        # forget it (checkpoint selection and sweepers read val/acc_best). So are the training
+        # epoch's running metrics: a checkpoint written mid-epoch holds the batches seen so far,
+        # and the resumed epoch's train/acc and train/loss_epoch cover the whole epoch.
         self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)
+        for metric in (self.val_acc_best, self.train_acc, self.train_loss):
+            metric.persistent(True)
+        self._train_metrics_epoch: int | None = None  # the epoch train_acc/train_loss hold
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], **drop: Tensor | None) -> VQAOutput:
@@ -179,6 +200,8 @@ class VQALitModule(LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        if stage == "train" and self._train_metrics_epoch != self.current_epoch:
+            self._start_train_metrics()
         drop = self.sample_modality_dropout(batch["input_ids"].shape[0]) if stage == "train" else {}
         out = self(batch, **drop)
         loss = self.compute_loss(out.logits, batch["targets"])
@@ -194,6 +217,15 @@ class VQALitModule(LightningModule):
         if stage == "train":
             self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
+
+    def _start_train_metrics(self) -> None:
+        """The training epoch's metrics start empty. on_train_epoch_end empties them, but a run
+        resumed from a checkpoint written at an epoch's last validation (before that hook) goes
+        on to the next epoch without running the hook again: the states it restored belong to
+        an epoch already logged by the run it continues."""
+        self.train_acc.reset()
+        self.train_loss.reset()
+        self._train_metrics_epoch = self.current_epoch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -249,18 +281,59 @@ class VQALitModule(LightningModule):
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = capture_rng_states(self.device)
+        states = capture_rng_states(self.device)
+        checkpoint["rng_states"] = states
+        # Every rank's own streams: they start alike (seed_everything), but dropout draws as
+        # many numbers as its rank's padded batch has elements, so they part after one step.
+        # Every rank builds the checkpoint (only rank 0 writes it), so this collective is safe.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, states)
+            checkpoint["rng_states_per_rank"] = per_rank
+        checkpoint["world_size"] = self.trainer.world_size if self._trainer is not None else 1
+        checkpoint["train_metrics_epoch"] = self._train_metrics_epoch
+        self._gather_epoch_metrics(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only when resuming a fit: testing a checkpoint, or loading one to evaluate
         # (load_from_checkpoint, no trainer), must not reseed the caller. Restored now, not in
         # on_train_start: Lightning creates the resumed epoch's data iterator (which draws the
         # sampler and worker seeds) while setting up, before any training hook runs.
-        # Under DDP every rank gets rank 0's state: seed_everything seeds all ranks alike, so
-        # their streams were identical anyway.
-        resuming = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if resuming and "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"], self.device)
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        check_same_world_size(checkpoint.get("world_size", 1), self.trainer.world_size)
+        if "rng_states" in checkpoint:
+            per_rank = checkpoint.get("rng_states_per_rank")
+            own = checkpoint["rng_states"] if per_rank is None else per_rank[self.global_rank]
+            restore_rng_states(own, self.device)
+        self._train_metrics_epoch = checkpoint.get("train_metrics_epoch")
+        if self.global_rank != 0:
+            self._blank_epoch_metrics(checkpoint["state_dict"])
+
+    # Under DDP each rank's training-epoch metrics hold its own batches, and only rank 0 writes
+    # the checkpoint. It therefore stores them gathered over the ranks, and on resume rank 0
+    # takes that whole and the others start empty, so the epoch's next sync counts every
+    # batch once.
+    EPOCH_METRICS = ("train_acc", "train_loss")
+
+    def _gather_epoch_metrics(self, state_dict: dict[str, Any]) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for name in self.EPOCH_METRICS:
+            metric = getattr(self, name)
+            with metric.sync_context(should_sync=True, should_unsync=True):
+                for state, default in metric._defaults.items():
+                    value = getattr(metric, state)
+                    # a list state comes back from the gather as one tensor
+                    state_dict[f"{name}.{state}"] = [value] if isinstance(default, list) else value
+
+    def _blank_epoch_metrics(self, state_dict: dict[str, Any]) -> None:
+        for name in self.EPOCH_METRICS:
+            metric = getattr(self, name)
+            for state, default in metric._defaults.items():
+                key = f"{name}.{state}"
+                if key in state_dict:
+                    state_dict[key] = [] if isinstance(default, list) else default.clone()
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -7,17 +7,22 @@ tests the best checkpoint and returns the optimised metric so Hydra sweepers can
 from __future__ import annotations
 
 import logging
+import math
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from vqa.callbacks import Preempted
 from vqa.config_schema import register_schemas
 from vqa.utils import (
     apply_extras,
@@ -111,11 +116,29 @@ def run_test(
     if cfg.get("train"):
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         if ckpt is None:
-            log.warning("No best checkpoint (checkpointing off?): testing the current weights.")
+            log.warning(
+                "No best checkpoint (%s): testing the final weights of the fit.",
+                no_best_checkpoint_cause(trainer),
+            )
     else:
         ckpt = cfg.get("ckpt_path")
     trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def no_best_checkpoint_cause(trainer: pl.Trainer) -> str:
+    """Why ModelCheckpoint kept no best checkpoint, for the message that the test uses the
+    final weights instead."""
+    cb = trainer.checkpoint_callback
+    if cb is None:
+        return "checkpointing is off"
+    if no_validation_reason(trainer) is not None:
+        return "no validation ran"
+    if isinstance(cb, ModelCheckpoint) and cb.save_top_k == 0:
+        return "ModelCheckpoint(save_top_k=0) keeps none"
+    if isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
+        return f"ModelCheckpoint never received {cb.monitor!r}"
+    return "ModelCheckpoint saved none"
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -150,22 +173,155 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}
 
 
-def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+def validation_ran(trainer: pl.Trainer) -> bool:
+    """Whether this process ran a validation loop in `fit`, sanity checks excepted.
+
+    Lightning's own test for the same question (ModelCheckpoint's "monitored key missing" is an
+    error only when it is true); a resumed fit counts only what it validated since.
+    """
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    return bool(getattr(val_loop, "_has_run", False))
+
+
+def first_validation_step(trainer: pl.Trainer) -> int | None:
+    """The optimizer step after which the fit would have validated first; None where that is
+    no batch count (time-based `val_check_interval`, a train loader without length)."""
+    batches, check = trainer.num_training_batches, trainer.val_check_batch
+    if not isinstance(check, int) or not math.isfinite(batches) or batches < 1:
+        return None
+    every_n_epochs = trainer.check_val_every_n_epoch
+    # check_val_every_n_epoch=None counts val_check_batch across epochs (Lightning's
+    # total_batch_idx), otherwise within the epochs that validate.
+    due = check if every_n_epochs is None else (every_n_epochs - 1) * batches + check
+    epochs, in_epoch = divmod(due - 1, int(batches))
+    # Lightning also steps the optimizer on an epoch's last batch, whatever the accumulation.
+    accumulate = trainer.accumulate_grad_batches
+    return epochs * math.ceil(batches / accumulate) + math.ceil((in_epoch + 1) / accumulate)
+
+
+def no_validation_reason(trainer: pl.Trainer) -> str | None:
+    """Why `fit` ended without validating (which stop condition came first); None when it
+    validated."""
+    if validation_ran(trainer):
+        return None
+    if trainer.limit_val_batches == 0:
+        return "validation is off (limit_val_batches=0)"
+    if not trainer.enable_validation:
+        return "validation is off (no validation data or validation_step)"
+    if trainer.num_training_batches == 0:
+        return "there were no training batches"
+    step, first = trainer.global_step, first_validation_step(trainer)
+    before = "before the first validation" + ("" if first is None else f" at step {first}")
+    if trainer.interrupted:
+        return f"the fit was interrupted at step {step}, {before}"
+    if trainer.max_steps != -1 and step >= trainer.max_steps:
+        return f"the run stopped at max_steps={trainer.max_steps} {before}"
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    remaining = None if timer is None else timer.time_remaining()
+    if remaining is not None and remaining <= 0:
+        limit = timedelta(seconds=round(timer.time_elapsed() + remaining))
+        return f"the run stopped at max_time={limit} after {step} steps, {before}"
+    if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
+        return f"the run ended at max_epochs={trainer.max_epochs} ({step} steps) {before}"
+    if trainer.should_stop:
+        return f"trainer.should_stop was set (by a callback?) at step {step}, {before}"
+    return f"the fit ended at step {step}, {before}"
+
+
+def kept_weights(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> str:
+    """Which weights a run without validation kept and tested: there is no best checkpoint,
+    only the final weights (and last.ckpt, where ModelCheckpoint wrote one)."""
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    saved = f"saved as {last}" if last and Path(last).is_file() else "saved in no checkpoint"
+    if any(k.startswith("test/") for k in metrics):
+        return f"No best checkpoint without it: the test scored the final weights ({saved})."
+    why = "test=false" if not cfg.get("test") else "the test split has no answers"
+    return f"No best checkpoint without it: the final weights are {saved} (not tested: {why})."
+
+
+def under_sweeper(hydra_cfg: DictConfig | None = None) -> bool:
+    """Whether a sweeper consumes main's return value (a multirun, or a sweeper such as
+    `hparams_search=optuna` configured): it then needs a number from every trial.
+
+    ``hydra_cfg`` defaults to the running job's HydraConfig; none set means no sweeper.
+    """
+    if hydra_cfg is None:
+        if not HydraConfig.initialized():
+            return False
+        hydra_cfg = HydraConfig.get()
+    mode = hydra_cfg.get("mode")
+    if getattr(mode, "name", mode) == RunMode.MULTIRUN.name:  # the enum, or its name
+        return True
+    sweeper = OmegaConf.select(hydra_cfg, "sweeper._target_", default=None) or ""
+    return bool(sweeper) and not sweeper.endswith(".BasicSweeper")
+
+
+class MissingMetricError(KeyError):
+    """`optimized_metric` is not among the logged metrics."""
+
+    def __str__(self) -> str:  # KeyError's own quotes the message as a repr
+        return str(self.args[0])
+
+
+def missing_metric_message(name: str, metrics: dict[str, float], no_validation: str | None) -> str:
+    if no_validation is not None:
+        return (
+            f"optimized_metric={name!r} was not logged: no validation ran ({no_validation}). "
+            "Let every trial validate at least once (more trainer.max_steps / max_time, or a "
+            "smaller trainer.val_check_interval)."
+        )
+    return (
+        f"optimized_metric={name!r} was never logged although validation ran; logged metrics: "
+        f"{sorted(metrics)}. Fix `optimized_metric` in the config or the hparams_search preset."
+    )
+
+
+def metric_value(
+    metrics: dict[str, float],
+    name: str | None,
+    *,
+    required: bool = True,
+    no_validation: str | None = None,
+) -> float | None:
+    """The value of ``name`` in ``metrics``; None for no name.
+
+    A missing metric raises MissingMetricError saying why (``no_validation``: no validation
+    ran, and why; else the name is wrong) when ``required`` (a sweeper needs a number from
+    every trial), and is None otherwise.
+    """
     if not name:
         return None
-    if name not in metrics:
-        raise KeyError(
-            f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}. "
-            "Fix `optimized_metric` in the config or the hparams_search preset."
-        )
-    return metrics[name]
+    if name in metrics:
+        return metrics[name]
+    if required:
+        raise MissingMetricError(missing_metric_message(name, metrics, no_validation))
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Train and return ``optimized_metric``. Only a sweeper needs that number: a single run
+    without it (e.g. stopped before its first validation) logs why and returns None."""
     apply_extras(cfg)
-    metrics, _ = train(cfg)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    try:
+        metrics, objects = train(cfg)
+    except Preempted as stop:
+        # As a process killed by the signal would: schedulers see an unfinished job.
+        log.warning("Stopped by %s; last.ckpt holds the run (%s).", stop, stop.checkpoint)
+        raise SystemExit(128 + stop.signum) from None
+    name = cfg.get("optimized_metric")
+    missing = bool(name) and name not in metrics
+    sweeping = under_sweeper()
+    trainer = objects["trainer"]
+    no_validation = no_validation_reason(trainer) if cfg.get("train") else "train=false"
+    if cfg.get("train") and no_validation is not None:
+        line = f"No validation ran: {no_validation}. {kept_weights(cfg, trainer, metrics)}"
+        if missing and not sweeping:
+            line += f" optimized_metric={name!r} was not logged: returning None."
+        log.warning(line)
+    elif missing and not sweeping:
+        log.warning("%s Returning None.", missing_metric_message(name, metrics, no_validation))
+    return metric_value(metrics, name, required=sweeping, no_validation=no_validation)
 
 
 set_project_root()

@@ -31,6 +31,7 @@ from vqa.data.dataset import VQADataset
 from vqa.data.errors import BadRecordLog, DataError, OnBadRecord
 from vqa.data.features import FeatureStore, FeatureStoreError, split_images
 from vqa.data.images import build_transform
+from vqa.data.loader import ResumableDataLoader
 from vqa.data.samplers import DistributedImageGroupedSampler, ImageGroupedSampler
 from vqa.data.sources import DataSource
 from vqa.data.table import SplitTable, column
@@ -165,6 +166,7 @@ class VQADataModule(pl.LightningDataModule):
         self.features: VisualInput = features
         self.feature_dir = None if feature_dir is None else Path(feature_dir)
         self.feature_stores: dict[str, FeatureStore] = {}
+        self._train_position: dict[str, int] | None = None  # from a checkpoint, not yet applied
 
     # ------------------------------------------------------------------ loading
 
@@ -379,12 +381,11 @@ class VQADataModule(pl.LightningDataModule):
                 f"split {split!r} is not set up; call setup() with the matching stage first"
             )
         dataset = self.datasets[split]
-        sampler = self._sampler(dataset, shuffle)
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
+            seed=self.seed,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
+            sampler=self._sampler(dataset, shuffle),
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -398,11 +399,18 @@ class VQADataModule(pl.LightningDataModule):
 
     def _sampler(self, dataset: VQADataset, shuffle: bool) -> Sampler[int] | None:
         """Image-grouped order. Under DDP each rank gets whole images (for evaluation too:
-        Lightning's round-robin split would have every rank encode every image)."""
-        if not self.group_by_image:
-            return None
+        Lightning's round-robin split would have every rank encode every image).
+
+        Without image grouping every question is its own group: the same (seed, epoch) order
+        that can start mid-epoch, rather than a RandomSampler that draws from the run's RNG.
+        """
         world_size = 1 if self.trainer is None else self.trainer.world_size
-        image_ids = column(dataset.table, "image_id")
+        if not shuffle and (world_size == 1 or not self.group_by_image):
+            return None  # table order; under DDP Lightning splits it among the ranks
+        if self.group_by_image:
+            image_ids = column(dataset.table, "image_id")
+        else:
+            image_ids = range(len(dataset))
         if world_size > 1:
             return DistributedImageGroupedSampler(
                 image_ids,
@@ -411,10 +419,30 @@ class VQADataModule(pl.LightningDataModule):
                 shuffle=shuffle,
                 seed=self.seed,
             )
-        return ImageGroupedSampler(image_ids, seed=self.seed) if shuffle else None
+        return ImageGroupedSampler(image_ids, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, shuffle=True, batch_size=self.batch_size)
+        loader = self._loader(self.train_split, shuffle=True, batch_size=self.batch_size)
+        if self._train_position is not None:
+            loader.load_state_dict(self._train_position)
+            self._train_position = None
+        return loader
+
+    # ------------------------------------------------------------------ exact resume
+    # The train loader's position travels as datamodule state rather than as Lightning's loader
+    # state: Lightning loads the latter only when it builds the train loader after restoring
+    # the loops, but `configure_optimizers` (estimated_stepping_batches) builds it before,
+    # so a resumed epoch would start again from its first batch. Datamodule state is
+    # restored first, and applied here when the loader is built.
+    def state_dict(self) -> dict[str, Any]:
+        """Where the train loader is: its epoch and the batches trained on in it."""
+        loader = None if self.trainer is None else self.trainer.train_dataloader
+        if not isinstance(loader, ResumableDataLoader):
+            return {}
+        return {"train_loader": loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._train_position = state.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_split, shuffle=False, batch_size=self.eval_batch_size)

@@ -3,6 +3,11 @@
 VQA has several questions per image (about 5.4 on VQA v2, 6 on the synthetic set). When they
 share a batch, the collator keeps each image once and the model runs its visual encoder once
 per image, which is where the compute of an end-to-end model goes.
+
+Both samplers are a function of (seed, epoch) and can start part-way into an epoch
+(``start``: the number of this epoch's indices already trained on), which is how
+:class:`vqa.data.loader.ResumableDataLoader` resumes a run mid-epoch on exactly the batches
+it had not seen.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class ImageGroupedSampler(Sampler[int]):
         self.num_samples = len(image_ids)
         self.seed = seed
         self.epoch = 0
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -55,8 +61,8 @@ class ImageGroupedSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        for group in _shuffled(self.groups, self.seed, self.epoch):
-            yield from group
+        order = (i for group in _shuffled(self.groups, self.seed, self.epoch) for i in group)
+        return itertools.islice(order, self.start, None)
 
 
 class DistributedImageGroupedSampler(DistributedSampler):
@@ -88,8 +94,12 @@ class DistributedImageGroupedSampler(DistributedSampler):
         # one image, so this bounds every rank's run.
         self.num_samples = math.ceil(len(image_ids) / num_replicas) + largest - 1
         self.total_size = self.num_samples * num_replicas
+        self.start = 0
 
     def __iter__(self) -> Iterator[int]:
+        return itertools.islice(self._rank_order(), self.start, None)
+
+    def _rank_order(self) -> Iterator[int]:
         order = _shuffled(self.groups, self.seed, self.epoch) if self.shuffle else self.groups
         total = sum(len(g) for g in order)
         mine, start = [], 0
