@@ -208,6 +208,22 @@ def test_top_k_at_least_keys_equals_dense(path: Path) -> None:
     assert not torch.allclose(sparse.features, dense.features, atol=1e-3)
 
 
+def backward_random_projection(out: FusionOutput) -> None:
+    # Random projections, not plain sums: a sum through a normalisation has zero gradient.
+    g = torch.Generator().manual_seed(1)
+    loss = (out.features * torch.randn(out.features.shape, generator=g)).sum()
+    for att in out.attention.values():
+        loss = loss + (att * torch.randn(att.shape, generator=g)).sum()
+    loss.backward()
+
+
+def check_input_gradients(visual: list[Tensor], text: Tensor, mask: Tensor) -> None:
+    # Single-scale blocks read the last stage only; every block reads that one.
+    assert visual[-1].grad is not None and visual[-1].grad.abs().sum() > 0
+    assert (text.grad[~mask] == 0).all(), "gradient flows into padding"
+    assert text.grad[mask].abs().sum() > 0
+
+
 @pytest.mark.parametrize("path", FUSION_CONFIGS, ids=NAMES)
 def test_gradients_reach_every_parameter(path: Path) -> None:
     options = {"spatial_constraint": True} if "spatial_constraint" in signature(path) else {}
@@ -216,21 +232,13 @@ def test_gradients_reach_every_parameter(path: Path) -> None:
     visual = [v.requires_grad_() for v in visual]
     text.requires_grad_()
     out = block(visual, text, mask)
-    g = torch.Generator().manual_seed(1)
-    # Random projections, not plain sums: a sum through a normalisation has zero gradient.
-    loss = (out.features * torch.randn(out.features.shape, generator=g)).sum()
-    for att in out.attention.values():
-        loss = loss + (att * torch.randn(att.shape, generator=g)).sum()
-    loss.backward()
+    backward_random_projection(out)
     for name, param in block.named_parameters():
         if param.requires_grad:
             assert param.grad is not None, f"{name} gets no gradient"
             assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
             assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
-    # Single-scale blocks read the last stage only; every block reads that one.
-    assert visual[-1].grad is not None and visual[-1].grad.abs().sum() > 0
-    assert (text.grad[~mask] == 0).all(), "gradient flows into padding"
-    assert text.grad[mask].abs().sum() > 0
+    check_input_gradients(visual, text, mask)
 
 
 SINGLE_CASES = [(path, {}) for path in FUSION_CONFIGS] + VARIANT_CASES
@@ -259,17 +267,11 @@ def test_training_batch_of_one_question(path: Path, variant: dict[str, Any], gri
     assert out.features.shape == (1, block.out_dim)
     assert torch.isfinite(out.features).all()
     check_maps(out, mask, grids)
-    g = torch.Generator().manual_seed(1)
-    loss = (out.features * torch.randn(out.features.shape, generator=g)).sum()
-    for att in out.attention.values():
-        loss = loss + (att * torch.randn(att.shape, generator=g)).sum()
-    loss.backward()
+    backward_random_projection(out)
     for name, param in block.named_parameters():
         if param.grad is not None:
             assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
-    assert visual[-1].grad is not None and visual[-1].grad.abs().sum() > 0
-    assert (text.grad[~mask] == 0).all(), "gradient flows into padding"
-    assert text.grad[mask].abs().sum() > 0
+    check_input_gradients(visual, text, mask)
 
 
 @pytest.mark.parametrize("path", FUSION_CONFIGS, ids=NAMES)
