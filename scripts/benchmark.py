@@ -572,9 +572,9 @@ def mib(nbytes: float | None) -> float | None:
     return None if nbytes is None else nbytes / 2**20
 
 
-def rss_mib() -> float:
-    """Current resident set size (Linux), MiB."""
-    with open("/proc/self/statm") as fh:
+def rss_mib(pid: int | str = "self") -> float:
+    """Current resident set size of process ``pid`` (Linux), MiB."""
+    with open(f"/proc/{pid}/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 

@@ -57,6 +57,7 @@ from scripts.benchmark import (  # noqa: E402
     machine_busy_seconds,
     own_cpu_seconds,
     quieted,
+    rss_mib,
 )
 from scripts.extract_features import extract  # noqa: E402
 from vqa.train import train  # noqa: E402
@@ -94,11 +95,6 @@ COLUMNS = (
 # ------------------------------------------------------------------------------- memory
 
 
-def _proc_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _proc_children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -116,16 +112,16 @@ def memory_sample() -> dict[str, Any]:
     which counts shared pages once, where psutil can read it."""
     if psutil is None:
         children = _proc_children(os.getpid())
-        main = _proc_rss(os.getpid())
+        main = rss_mib()
         total = main
         for pid in children:
             try:
-                total += _proc_rss(pid)
+                total += rss_mib(pid)
             except OSError:  # exited meanwhile
                 continue
         return {
-            "rss_main_mib": main / 2**20,
-            "rss_total_mib": total / 2**20,
+            "rss_main_mib": main,
+            "rss_total_mib": total,
             "pss_total_mib": None,
             "workers": len(children),
         }

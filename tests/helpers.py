@@ -7,11 +7,15 @@ encoders are the smallest real torchvision/transformers models, and nothing is d
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from vqa.config_schema import register_schemas
@@ -48,6 +52,50 @@ TINY_OVERRIDES: list[str] = [
     "callbacks.rich_model_summary=null",
     "extras.print_config=false",
 ]
+
+
+def train_cli(
+    tmp_path: Path, *args: str, multirun: bool = False, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a child process on the tiny composition, with its data and
+    logs under ``tmp_path``."""
+    command = [
+        sys.executable,
+        "train.py",
+        *(["-m"] if multirun else []),
+        *TINY_OVERRIDES,
+        *TINY_DATA_OVERRIDES,
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *args,
+    ]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def train_multirun_in_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_dir: Path, *args: str
+) -> Path:
+    """``python train.py -m ARGS`` in this process (Hydra's basic launcher runs the jobs in
+    turn; a job's error is raised, not turned into an exit code); returns the sweep folder."""
+    from vqa.train import main
+
+    sweep = tmp_path / "sweep"
+    argv = [
+        "train.py",
+        "-m",
+        *args,
+        f"paths.data_dir={data_dir}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # raise job errors instead of sys.exit(1)
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    finally:
+        GlobalHydra.instance().clear()
+    return sweep
 
 
 def same_state(a: Any, b: Any) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -11,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from tests.helpers import ROOT, TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config, train_cli
 from vqa.train import train
 from vqa.utils import apply_extras, drop_logger_only_callbacks
 
@@ -78,25 +76,9 @@ def test_output_dir_override_moves_hydra_folder() -> None:
         GlobalHydra.instance().clear()
 
 
-def run_train_cli(
-    tmp_path: Path, *args: str, multirun: bool = False
-) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "train.py",
-        *(["-m"] if multirun else []),
-        *TINY_OVERRIDES,
-        *TINY_DATA_OVERRIDES,
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        *args,
-    ]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def test_one_override_puts_every_file_of_a_run_in_one_folder(tmp_path: Path) -> None:
     out = tmp_path / "my_run"
-    result = run_train_cli(tmp_path, f"paths.output_dir={out}", "test=false")
+    result = train_cli(tmp_path, f"paths.output_dir={out}", "test=false")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / ".hydra" / "config.yaml").is_file()
     assert (out / "train.log").is_file()
@@ -106,7 +88,7 @@ def test_one_override_puts_every_file_of_a_run_in_one_folder(tmp_path: Path) -> 
 
 
 def test_multirun_refuses_one_output_dir_for_all_jobs(tmp_path: Path) -> None:
-    result = run_train_cli(
+    result = train_cli(
         tmp_path, "seed=1,2", f"paths.output_dir={tmp_path / 'shared'}", multirun=True
     )
     assert result.returncode != 0

@@ -4,8 +4,6 @@ saying why its objective is missing."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,39 +11,30 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import vqa.train
-from tests.helpers import ROOT, TINY_DATA_OVERRIDES, TINY_MODEL_OVERRIDES, TINY_OVERRIDES
-
-QUIET = [
-    "callbacks.rich_progress_bar=null",
-    "callbacks.rich_model_summary=null",
-    "extras.print_config=false",
-    "trainer.accelerator=cpu",
-]
+from tests.helpers import (
+    TINY_DATA_OVERRIDES,
+    TINY_OVERRIDES,
+    train_cli,
+    train_multirun_in_process,
+)
 
 
 def test_cli_run_stopped_by_max_steps_exits_0_and_says_why(tmp_path: Path) -> None:
     # Sixteen training images: eight steps per epoch, so max_steps=6 ends the fit mid-epoch,
     # before the epoch-end validation.
-    command = [
-        sys.executable,
-        "train.py",
+    done = train_cli(
+        tmp_path,
         "fusion=parallel",
         "++trainer.max_steps=6",
         "++trainer.limit_val_batches=2",
-        *TINY_MODEL_OVERRIDES,
-        *TINY_DATA_OVERRIDES,
         "data.source.num_train_images=16",
-        *QUIET,
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-    ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        timeout=600,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     [line] = [ln for ln in output.splitlines() if "No validation ran" in ln]
@@ -59,26 +48,17 @@ def test_cli_run_stopped_by_max_steps_exits_0_and_says_why(tmp_path: Path) -> No
 def test_multirun_trial_without_validation_fails_saying_why(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shared_data_dir: Path
 ) -> None:
-    argv = [
-        "train.py",
-        "-m",
-        *TINY_OVERRIDES,
-        *TINY_DATA_OVERRIDES,
-        "++trainer.max_steps=2",  # of four steps per epoch
-        "trainer.enable_progress_bar=false",
-        "test=false",
-        f"paths.data_dir={shared_data_dir}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    ]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # raise job errors instead of sys.exit(1)
-    GlobalHydra.instance().clear()
-    try:
-        with pytest.raises(KeyError) as error:
-            vqa.train.main()
-    finally:
-        GlobalHydra.instance().clear()
+    with pytest.raises(KeyError) as error:
+        train_multirun_in_process(
+            monkeypatch,
+            tmp_path,
+            shared_data_dir,
+            *TINY_OVERRIDES,
+            *TINY_DATA_OVERRIDES,
+            "++trainer.max_steps=2",  # of four steps per epoch
+            "trainer.enable_progress_bar=false",
+            "test=false",
+        )
     message = str(error.value)
     assert "optimized_metric='val/acc_best'" in message
     assert "no validation ran" in message

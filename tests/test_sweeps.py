@@ -6,18 +6,20 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from scripts.extract_features import extract
 from scripts.summarize_sweep import find_sweep, read_metrics, read_overrides, summarize
-from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
-from vqa.train import main
+from tests.helpers import (
+    TINY_DATA_OVERRIDES,
+    TINY_OVERRIDES,
+    compose_config,
+    train_multirun_in_process,
+)
 
 # One short epoch per job, nothing written but the CSV logs the summary reads.
 JOB_OVERRIDES = [
@@ -34,24 +36,8 @@ JOB_OVERRIDES = [
 def run_train_cli(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_dir: Path, *args: str
 ) -> Path:
-    """``python train.py -m ARGS`` in this process (Hydra's basic launcher runs the jobs in
-    turn); returns the sweep folder."""
-    sweep = tmp_path / "sweep"
-    argv = [
-        "train.py",
-        "-m",
-        *args,
-        *JOB_OVERRIDES,
-        f"paths.data_dir={data_dir}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # raise job errors instead of sys.exit(1)
-    GlobalHydra.instance().clear()
-    main()
-    GlobalHydra.instance().clear()
-    return sweep
+    """``python train.py -m ARGS`` with the sweep jobs' overrides; returns the sweep folder."""
+    return train_multirun_in_process(monkeypatch, tmp_path, data_dir, *args, *JOB_OVERRIDES)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

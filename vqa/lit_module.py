@@ -18,12 +18,15 @@ import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vqa.metrics import VQAAccuracy
 from vqa.models.vqa_model import VQAModel, VQAOutput
 
+# The training epoch's running metrics: checkpointed (a mid-epoch checkpoint holds the batches
+# seen so far), gathered over DDP ranks when saved, emptied when a new epoch starts.
+TRAIN_EPOCH_METRICS = ("train_acc", "train_loss")
 ANSWER_TYPE_KEYS = {"yes/no": "acc_yesno", "number": "acc_number", "other": "acc_other"}
 LOSSES = ("bce", "ce")
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
@@ -69,6 +72,10 @@ def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
     random.setstate(states["python"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def check_same_world_size(saved: int, current: int) -> None:
@@ -149,9 +156,10 @@ class VQALitModule(LightningModule):
         # epoch's running metrics: a checkpoint written mid-epoch holds the batches seen so far,
         # and the resumed epoch's train/acc and train/loss_epoch cover the whole epoch.
         self.val_acc_best = MaxMetric()
-        for metric in (self.val_acc_best, self.train_acc, self.train_loss):
+        self.val_acc_best.persistent(True)
+        for metric in self._train_epoch_metrics():
             metric.persistent(True)
-        self._train_metrics_epoch: int | None = None  # the epoch train_acc/train_loss hold
+        self._train_metrics_epoch: int | None = None  # the epoch those metrics hold
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], **drop: Tensor | None) -> VQAOutput:
@@ -223,9 +231,12 @@ class VQALitModule(LightningModule):
         resumed from a checkpoint written at an epoch's last validation (before that hook) goes
         on to the next epoch without running the hook again: the states it restored belong to
         an epoch already logged by the run it continues."""
-        self.train_acc.reset()
-        self.train_loss.reset()
+        for metric in self._train_epoch_metrics():
+            metric.reset()
         self._train_metrics_epoch = self.current_epoch
+
+    def _train_epoch_metrics(self) -> list[Metric]:
+        return [getattr(self, name) for name in TRAIN_EPOCH_METRICS]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -286,7 +297,7 @@ class VQALitModule(LightningModule):
         # Every rank's own streams: they start alike (seed_everything), but dropout draws as
         # many numbers as its rank's padded batch has elements, so they part after one step.
         # Every rank builds the checkpoint (only rank 0 writes it), so this collective is safe.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed():
             per_rank: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(per_rank, states)
             checkpoint["rng_states_per_rank"] = per_rank
@@ -296,9 +307,8 @@ class VQALitModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only when resuming a fit: testing a checkpoint, or loading one to evaluate
-        # (load_from_checkpoint, no trainer), must not reseed the caller. Restored now, not in
-        # on_train_start: Lightning creates the resumed epoch's data iterator (which draws the
-        # sampler and worker seeds) while setting up, before any training hook runs.
+        # (load_from_checkpoint, no trainer), must not reseed the caller. Restored at load,
+        # before anything of the resumed fit can draw.
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
         check_same_world_size(checkpoint.get("world_size", 1), self.trainer.world_size)
@@ -314,12 +324,10 @@ class VQALitModule(LightningModule):
     # the checkpoint. It therefore stores them gathered over the ranks, and on resume rank 0
     # takes that whole and the others start empty, so the epoch's next sync counts every
     # batch once.
-    EPOCH_METRICS = ("train_acc", "train_loss")
-
     def _gather_epoch_metrics(self, state_dict: dict[str, Any]) -> None:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not distributed():
             return
-        for name in self.EPOCH_METRICS:
+        for name in TRAIN_EPOCH_METRICS:
             metric = getattr(self, name)
             with metric.sync_context(should_sync=True, should_unsync=True):
                 for state, default in metric._defaults.items():
@@ -328,7 +336,7 @@ class VQALitModule(LightningModule):
                     state_dict[f"{name}.{state}"] = [value] if isinstance(default, list) else value
 
     def _blank_epoch_metrics(self, state_dict: dict[str, Any]) -> None:
-        for name in self.EPOCH_METRICS:
+        for name in TRAIN_EPOCH_METRICS:
             metric = getattr(self, name)
             for state, default in metric._defaults.items():
                 key = f"{name}.{state}"

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 from pytorch_lightning import Callback
 
 from vqa.callbacks.run_checkpoint import RunCheckpoint
+from vqa.data.loader import PREEMPTION_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class PreemptionCheckpoint(Callback):
     ``enable_checkpointing=False``.)
     """
 
-    def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(self, signals: Sequence[str] = tuple(s.name for s in PREEMPTION_SIGNALS)) -> None:
         self.signals = [signal.Signals[name] for name in signals]
         self._pending: int | None = None
         self._previous: dict[int, Handler] = {}

@@ -1,12 +1,13 @@
 """A DataLoader that Lightning can checkpoint and resume mid-epoch, and that never draws from
 the run's global random stream.
 
-Lightning saves the ``state_dict()`` of a train loader that has one and calls
-``load_state_dict()`` before it builds the resumed epoch's iterator. The state is the epoch
-and the number of batches handed out in it; with a sized loader Lightning fetches no batch
-ahead, so that count is exactly the batches trained on when a checkpoint is written (after a
-step, or after a validation). On resume the sampler starts past those batches, so the resumed
-epoch trains on the batches the interrupted one had not reached, each once.
+The state (``state_dict()``) is the epoch and the number of batches handed out in it; with a
+sized loader Lightning fetches no batch ahead, so that count is exactly the batches trained on
+when a checkpoint is written (after a step, or after a validation). The datamodule checkpoints
+it and hands it back through ``load_state_dict()`` when it builds the resumed run's loader (see
+``VQADataModule.state_dict``); the sampler then starts past those batches, so the resumed
+epoch trains on the batches the interrupted one had not reached, each once. Having the two
+methods also tells Lightning the loader is resumable.
 
 Loader workers ignore SIGTERM and SIGUSR1: a cluster sends them to every process of a job, and
 a worker killed by one makes the main process fail at its next batch, before it can write the
@@ -31,8 +32,7 @@ from torch.utils.data import DataLoader
 
 # Distinct from the samplers' seed * 1_000_003 + epoch: worker seeds must not equal the order.
 _WORKER_SEED_STRIDE = 7_919
-
-
+# What a cluster sends before it kills or requeues a job; PreemptionCheckpoint handles them.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
