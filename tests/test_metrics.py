@@ -1,4 +1,6 @@
-"""VQAAccuracy: hand-computed scores, per-type breakdown, de-duplication, state merging."""
+"""VQAAccuracy: hand-computed scores, per-type breakdown, de-duplication, state merging.
+SoftScoreAccuracy (the training accuracy on the device): agreement with VQAAccuracy on real
+batches, padding rows, DDP sums, no host sync. StepMean: MeanMetric's mean without a sync."""
 
 from __future__ import annotations
 
@@ -6,8 +8,20 @@ import warnings
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torchmetrics import MeanMetric
+from torchmetrics.utilities import dim_zero_sum
 
-from vqa.metrics import UNKNOWN_QUESTION_TYPE, VQAAccuracy
+from vqa.data.batch import VQABatch
+from vqa.metrics import (
+    ANSWER_TYPES,
+    UNKNOWN_QUESTION_TYPE,
+    SoftScoreAccuracy,
+    StepMean,
+    VQAAccuracy,
+)
+from vqa.utils.op_counter import count_ops
 
 QUESTION_TYPES = ["how many", "is the", "what color is the"]
 
@@ -162,3 +176,161 @@ def test_update_rejects_bad_input(change: dict, message: str) -> None:
     metric = VQAAccuracy(question_types=QUESTION_TYPES)
     with pytest.raises(ValueError, match=message):
         metric.update(**{**BATCH, **change})
+
+
+# ----------------------------------------------------------------------------- SoftScoreAccuracy
+
+
+def _batches(cfg_train: DictConfig) -> tuple[list[VQABatch], list[str]]:
+    """Every train and val batch of the tiny synthetic set, as the collator makes them, and
+    the answer vocabulary."""
+    datamodule = instantiate(cfg_train.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = [*datamodule.train_dataloader(), *datamodule.val_dataloader()]
+    return batches, datamodule.answer_vocab.answers
+
+
+def _scattered_logits(targets: torch.Tensor, seed: int) -> torch.Tensor:
+    """Logits whose arg-max lands on right, partly right and wrong answers."""
+    g = torch.Generator().manual_seed(seed)
+    return targets * torch.rand(targets.shape, generator=g) + 0.3 * torch.rand(
+        targets.shape, generator=g
+    )
+
+
+def test_soft_score_accuracy_equals_the_official_metric_on_real_batches(
+    cfg_train: DictConfig,
+) -> None:
+    """The targets the collator builds are the official soft scores, so the score at the
+    arg-max is the official accuracy of the decoded answer."""
+    official, on_device = VQAAccuracy(), SoftScoreAccuracy()
+    scores = set()
+    batches, vocab = _batches(cfg_train)
+    for i, batch in enumerate(batches):
+        logits = _scattered_logits(batch.targets, seed=i)
+        official.update(
+            predictions=[vocab[j] for j in logits.argmax(dim=1).tolist()],
+            human_answers=batch.answers,
+            question_ids=batch.question_id,
+            answer_types=batch.answer_type,
+        )
+        # the answer type ids the training step passes, built by the collator
+        on_device.update(logits, batch.targets, answer_types=batch.answer_type_id)
+        picked = batch.targets.gather(1, logits.argmax(1, keepdim=True))
+        scores |= {round(v, 1) for v in picked.flatten().tolist()}
+    assert {0.0, 1.0} < scores and len(scores) >= 3  # wrong, right and partly right answers
+    expected, got = official.compute(), on_device.compute()
+    assert got.keys() == expected.keys() == {"overall", *ANSWER_TYPES}
+    for key in expected:
+        assert got[key].item() == pytest.approx(expected[key].item(), abs=1e-6), key
+
+
+def _soft_batch() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    targets = torch.tensor(
+        [[1.0, 0.3, 0.0], [0.0, 0.6, 0.0], [0.0, 0.0, 0.9], [0.3, 0.0, 0.0]], dtype=torch.float32
+    )
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    return logits, targets, ["yes/no", "number", "other", "other"]
+
+
+def test_soft_score_accuracy_hand_computed() -> None:
+    logits, targets, types = _soft_batch()
+    metric = SoftScoreAccuracy()
+    metric.update(logits, targets, answer_types=types)
+    got = _as_floats(metric.compute())
+    assert got == pytest.approx(
+        {"overall": (1.0 + 0.0 + 0.9 + 0.3) / 4, "yes/no": 1.0, "number": 0.0, "other": 0.6}
+    )
+    metric.reset()
+    metric.update(logits[:1], targets[:1], answer_types=types[:1])
+    assert set(metric.compute()) == {"overall", "yes/no"}  # absent, not NaN
+
+
+def test_soft_score_accuracy_ignores_padding_rows() -> None:
+    logits, targets, types = _soft_batch()
+    reference = SoftScoreAccuracy()
+    reference.update(logits, targets, answer_types=types)
+    # Padding rows after the real ones: right answers, NaN logits, anything: they must not count.
+    pad_logits = torch.cat([logits, torch.full((3, 3), float("nan")), logits[:2]])[:9]
+    pad_targets = torch.cat([targets, torch.ones(5, 3)])
+    valid = torch.arange(9) < 4
+    padded = SoftScoreAccuracy()
+    padded.update(pad_logits, pad_targets, valid, answer_types=types)  # names of the real rows
+    with_ids = SoftScoreAccuracy()
+    ids = torch.tensor([0, 1, 2, 2, 1, 1, 1, 1, 1])
+    with_ids.update(pad_logits, pad_targets, valid, answer_types=ids)
+    assert _as_floats(padded.compute()) == _as_floats(reference.compute())
+    assert _as_floats(with_ids.compute()) == _as_floats(reference.compute())
+    assert padded.count.item() == 4 and padded.type_count.tolist() == [1, 1, 2]
+
+
+def test_soft_score_accuracy_states_are_summed_across_ranks() -> None:
+    """Plain sums: DDP adds the ranks' states (``dist_reduce_fx="sum"``), and merging two
+    halves equals one update with everything."""
+    logits, targets, types = _soft_batch()
+    whole = SoftScoreAccuracy()
+    whole.update(logits, targets, answer_types=types)
+    first, second = SoftScoreAccuracy(), SoftScoreAccuracy()
+    first.update(logits[:2], targets[:2], answer_types=types[:2])
+    second.update(logits[2:], targets[2:], answer_types=types[2:])
+    assert all(fx is dim_zero_sum for fx in first._reductions.values())
+    assert all(isinstance(d, torch.Tensor) for d in first._defaults.values())
+    first.merge_state(second)
+    assert _as_floats(first.compute()) == _as_floats(whole.compute())
+    # the real sync path, two identical "ranks"
+    second._sync_dist(dist_sync_fn=lambda t, group=None: [t, t.clone()])
+    assert second.count.item() == 4
+
+
+def test_soft_score_accuracy_update_never_reads_the_device() -> None:
+    logits, targets, types = _soft_batch()
+    metric = SoftScoreAccuracy()
+    valid = torch.tensor([True, True, True, False])
+    with count_ops() as counted:
+        metric.update(logits, targets, valid, answer_types=types[:3])
+        metric.update(logits, targets, answer_types=types)
+        metric.update(logits, targets)
+    assert counted.host_syncs == 0, (counted.syncs, counted.host_reads)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"answer_types": ["yes/no", "count", "other", "other"]}, "count"),
+        ({"answer_types": ["yes/no"] * 3}, "3 answer types for 4 rows"),
+        ({"answer_types": ["yes/no"] * 5}, "5 answer types for 4 rows"),
+    ],
+)
+def test_soft_score_accuracy_rejects_bad_input(kwargs: dict, message: str) -> None:
+    logits, targets, _ = _soft_batch()
+    with pytest.raises(ValueError, match=message):
+        SoftScoreAccuracy().update(logits, targets, **kwargs)
+    with pytest.raises(ValueError, match="differ"):
+        SoftScoreAccuracy().update(logits[:, :2], targets)
+
+
+def test_soft_score_accuracy_is_empty_before_any_update() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchmetrics warns about compute before update
+        assert SoftScoreAccuracy().compute() == {}
+
+
+# ----------------------------------------------------------------------------- StepMean
+
+
+def test_step_mean_is_meanmetric_weighted_mean_without_a_sync() -> None:
+    values = [torch.tensor(0.7), torch.tensor(1.3), torch.tensor(2.9)]
+    weights = [8, 8, 3]
+    reference, metric = MeanMetric(), StepMean()
+    for v, w in zip(values, weights, strict=True):
+        reference.update(v, weight=w)
+    with count_ops() as counted:
+        for v, w in zip(values, weights, strict=True):
+            metric.update(v, weight=w)
+        metric.update(torch.tensor(5.0), weight=torch.tensor(0))  # a tensor weight, e.g. a count
+    assert counted.host_syncs == 0, (counted.syncs, counted.host_reads)
+    assert torch.equal(metric.compute(), reference.compute())  # bit for bit: same arithmetic
+    assert metric.state_dict().keys() == reference.state_dict().keys()
+    metric.update(torch.tensor(float("nan")), weight=1)
+    assert metric.compute().isnan()  # not dropped silently

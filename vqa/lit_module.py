@@ -15,13 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from pytorch_lightning import LightningModule
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric, Metric
+from torchmetrics import MaxMetric, Metric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from vqa.metrics import VQAAccuracy
+from vqa.data.batch import VQABatch
+from vqa.metrics import SoftScoreAccuracy, StepMean, VQAAccuracy
 from vqa.models.vqa_model import VQAModel, VQAOutput
 
 # The training epoch's running metrics: checkpointed (a mid-epoch checkpoint holds the batches
@@ -145,12 +149,15 @@ class VQALitModule(LightningModule):
         self.optimizer_factory = optimizer
         self.answer_vocab = list(answer_vocab)
 
-        self.train_acc = VQAAccuracy(question_types=question_types)
+        # Training scores on the device, from the targets: the string-level official metric
+        # needs every prediction on the host, which would stall each step. Validation and test
+        # report the official metric itself.
+        self.train_acc = SoftScoreAccuracy()
         self.val_acc = VQAAccuracy(question_types=question_types)
         self.test_acc = VQAAccuracy(question_types=question_types)
-        self.train_loss = MeanMetric()
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        self.train_loss = StepMean()
+        self.val_loss = StepMean()
+        self.test_loss = StepMean()
         # Persistent: the best accuracy so far is part of the run, and a resumed run must not
         # forget it (checkpoint selection and sweepers read val/acc_best). So are the training
         # epoch's running metrics: a checkpoint written mid-epoch holds the batches seen so far,
@@ -162,15 +169,8 @@ class VQALitModule(LightningModule):
         self._train_metrics_epoch: int | None = None  # the epoch those metrics hold
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict[str, Any], **drop: Tensor | None) -> VQAOutput:
-        return self.net(
-            images=batch.get("images"),
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            visual_features=batch.get("visual_features"),
-            image_index=batch.get("image_index"),
-            **drop,
-        )
+    def forward(self, batch: VQABatch, **drop: Tensor | None) -> VQAOutput:
+        return self.net(**batch.model_inputs(), **drop)
 
     def sample_modality_dropout(self, batch_size: int) -> dict[str, Tensor]:
         """Per-sample masks: a sample loses its image or its question, never both.
@@ -185,45 +185,76 @@ class VQALitModule(LightningModule):
         u = torch.rand(batch_size, device=self.device)
         return {"drop_image": u < p_img, "drop_question": (u >= p_img) & (u < p_img + p_q)}
 
-    def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def compute_loss(self, logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+        """The loss of a batch; ``valid`` [B] bool marks its real rows (static-shape batches
+        carry padding rows, which must not count). Nothing here waits for the device."""
         # In float32 whatever the autocast dtype: bf16 logits lose the small probabilities that
         # BCE over thousands of mostly-zero targets is made of.
         logits = logits.float()
         if self.hparams.loss == "bce":
             # Summed over answers, averaged over questions (the bottom-up/top-down convention):
             # a mean over 3129 mostly-zero targets would shrink the gradient by 3129x.
-            return (
-                F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
-                / logits.shape[0]
-            )
+            if valid is None:
+                return (
+                    F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+                    / logits.shape[0]
+                )
+            per_question = F.binary_cross_entropy_with_logits(
+                logits, targets, reduction="none"
+            ).sum(dim=1)
+            return torch.where(valid, per_question, 0.0).sum() / valid.sum().clamp(min=1)
         labels = targets.argmax(dim=1)
-        in_vocab = targets.amax(dim=1) > 0  # the most common answer can be outside the vocabulary
-        if not in_vocab.any():
-            # cross_entropy averages over zero labels to NaN; no label is no signal, not NaN
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits[in_vocab], labels[in_vocab])
+        keep = targets.amax(dim=1) > 0  # the most common answer can be outside the vocabulary
+        if valid is not None:
+            keep = keep & valid
+        # Ignored labels rather than indexing by the mask, whose size the host would have to
+        # read back; summed and divided by at least 1, because cross_entropy's mean over zero
+        # labels is NaN, and no label is no signal, not NaN.
+        ignore = -100
+        total = F.cross_entropy(
+            logits, torch.where(keep, labels, ignore), ignore_index=ignore, reduction="sum"
+        )
+        return total / keep.sum().clamp(min=1)
 
     def decode(self, logits: Tensor) -> list[str]:
         return [self.answer_vocab[i] for i in logits.argmax(dim=1).tolist()]
 
     # ------------------------------------------------------------------ steps
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+    def _shared_step(self, batch: VQABatch, stage: str) -> Tensor:
+        """Loss and metrics of an annotated batch. The training step never waits for the
+        device: no prediction, score or count is read back on the host until the epoch's end,
+        and the answer types reach the training accuracy as the batch's ``answer_type_id``
+        tensor, copied with the rest of the batch.
+
+        Static-shape batches carry ``question_valid`` [B] (False on padding rows, which come
+        last); their host records (answers, types) hold the real rows only.
+        """
+        if batch.targets is None:
+            raise ValueError(f"{stage} batches need answers: this split has no annotations")
         if stage == "train" and self._train_metrics_epoch != self.current_epoch:
             self._start_train_metrics()
-        drop = self.sample_modality_dropout(batch["input_ids"].shape[0]) if stage == "train" else {}
+        drop = self.sample_modality_dropout(batch.num_questions) if stage == "train" else {}
         out = self(batch, **drop)
-        loss = self.compute_loss(out.logits, batch["targets"])
-        batch_size = out.logits.shape[0]
-        getattr(self, f"{stage}_loss").update(loss.detach(), weight=batch_size)
-        getattr(self, f"{stage}_acc").update(
-            predictions=self.decode(out.logits.detach()),
-            human_answers=batch["answers"],
-            question_ids=batch["question_id"],
-            answer_types=batch["answer_type"],
-            question_types=batch["question_type"],
-        )
+        valid = batch.question_valid
+        loss = self.compute_loss(out.logits, batch.targets, valid)
+        # The host records hold one entry per real question: their count needs no device read.
+        real = batch.num_real_questions
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=real)
+        logits = out.logits.detach()
         if stage == "train":
-            self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=batch_size)
+            self.train_acc.update(logits, batch.targets, valid, batch.answer_type_id)
+            # Not on the progress bar: Lightning reads every progress-bar value on the host
+            # after each batch, which would make every step wait for the GPU. The logger reads
+            # it every log_every_n_steps; the bar shows the epoch's loss and accuracies.
+            self.log("train/loss_step", loss.detach(), batch_size=real)
+        else:
+            getattr(self, f"{stage}_acc").update(
+                predictions=self.decode(logits[:real]),
+                human_answers=batch.answers,
+                question_ids=batch.question_id[:real],
+                answer_types=batch.answer_type,
+                question_types=batch.question_type,
+            )
         return loss
 
     def _start_train_metrics(self) -> None:
@@ -238,25 +269,26 @@ class VQALitModule(LightningModule):
     def _train_epoch_metrics(self) -> list[Metric]:
         return [getattr(self, name) for name in TRAIN_EPOCH_METRICS]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: VQABatch, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: VQABatch, batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: VQABatch, batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: VQABatch, batch_idx: int) -> dict[str, Any]:
         out = self(batch)
+        real = batch.num_real_questions  # padding rows (static shapes) come last
         return {
-            "question_id": batch["question_id"],
-            "answer": self.decode(out.logits),
-            "logits": out.logits,
+            "question_id": batch.question_id[:real],
+            "answer": self.decode(out.logits[:real]),
+            "logits": out.logits[:real],
         }
 
     def _log_accuracy(self, stage: str) -> Tensor:
-        metric: VQAAccuracy = getattr(self, f"{stage}_acc")
+        metric: VQAAccuracy | SoftScoreAccuracy = getattr(self, f"{stage}_acc")
         result = metric.compute()  # synced across DDP ranks by torchmetrics
         overall = result["overall"]
         self.log(f"{stage}/acc", overall, prog_bar=True)
@@ -268,7 +300,7 @@ class VQALitModule(LightningModule):
         # as Metric objects: Lightning computes (and syncs) those lazily when something reads
         # them, and rank 0's progress bar reads them before the other ranks would -> gloo
         # aborts / NCCL hangs.
-        loss: MeanMetric = getattr(self, f"{stage}_loss")
+        loss: StepMean = getattr(self, f"{stage}_loss")
         self.log(
             "train/loss_epoch" if stage == "train" else f"{stage}/loss",
             loss.compute(),
@@ -306,6 +338,7 @@ class VQALitModule(LightningModule):
         self._gather_epoch_metrics(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._drop_stale_epoch_metrics(checkpoint["state_dict"])
         # Only when resuming a fit: testing a checkpoint, or loading one to evaluate
         # (load_from_checkpoint, no trainer), must not reseed the caller. Restored at load,
         # before anything of the resumed fit can draw.
@@ -334,6 +367,16 @@ class VQALitModule(LightningModule):
                     value = getattr(metric, state)
                     # a list state comes back from the gather as one tensor
                     state_dict[f"{name}.{state}"] = [value] if isinstance(default, list) else value
+
+    def _drop_stale_epoch_metrics(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint written before the training accuracy moved to the device holds the
+        string metric's per-question states, which this module has no place for: the resumed
+        epoch's train/acc then covers the batches after the resume only."""
+        for name in TRAIN_EPOCH_METRICS:
+            states = getattr(self, name)._defaults
+            for key in [k for k in state_dict if k.startswith(f"{name}.")]:
+                if key.removeprefix(f"{name}.") not in states:
+                    del state_dict[key]
 
     def _blank_epoch_metrics(self, state_dict: dict[str, Any]) -> None:
         for name in TRAIN_EPOCH_METRICS:
@@ -385,6 +428,32 @@ class VQALitModule(LightningModule):
                 group["weight_decay"] = 0.0
             result.append(group)
         return result
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, also for a fused optimizer under bf16-mixed.
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales
+        gradients inside its step (fused AdamW), because under 16-mixed the gradients are still
+        scaled when clipping runs. bf16-mixed has no GradScaler: the gradients are the real ones,
+        and clipping them is exactly what the plugin does for an unfused optimizer. 16-mixed
+        keeps Lightning's refusal.
+        """
+        plugin = self.trainer.precision_plugin
+        if (
+            gradient_clip_val
+            and isinstance(plugin, MixedPrecision)
+            and plugin.scaler is None
+            and _optimizer_handles_unscaling(optimizer)
+        ):
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(params=self.parameter_groups())

@@ -1,4 +1,5 @@
-"""VQA accuracy as a torchmetrics ``Metric``: official per-question scores, DDP-safe aggregation."""
+"""VQA accuracy as torchmetrics ``Metric``s, DDP-safe: the official string-level score for
+evaluation, and its soft-score equivalent on the device for the training loop."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -168,6 +169,136 @@ class VQAAccuracy(Metric):
             if isinstance(state, list) and not state:
                 setattr(self, name, [torch.empty(0, dtype=dtype, device=self.device)])
         super()._sync_dist(dist_sync_fn, process_group)
+
+
+class SoftScoreAccuracy(Metric):
+    """VQA accuracy of the arg-max answer, read from the soft-score targets on the device.
+
+    A target's soft score of an answer is that answer's official accuracy against the ten human
+    answers (the same 0/.3/.6/.9/1 table), so the score at the arg-max is the official accuracy
+    of the prediction without decoding it to a string: :class:`VQAAccuracy` needs the predicted
+    ids on the host, a synchronisation every step. ``update`` never waits for the device. It
+    agrees with :class:`VQAAccuracy` up to float32 rounding of the targets, except where the
+    official tool skips normalisation (ten identical raw human answers), and it keeps running
+    sums rather than one row per question id, so the repeated samples a ``DistributedSampler``
+    pads with count twice: a training curve, not a reported result.
+
+    ``compute`` returns "overall" and, for the answer types seen, their accuracy, like
+    :class:`VQAAccuracy` (absent rather than NaN; empty before any update).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    score: Tensor
+    count: Tensor
+    type_score: Tensor
+    type_count: Tensor
+
+    def __init__(self, answer_types: Sequence[str] = ANSWER_TYPES, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.answer_types = tuple(answer_types)
+        self._answer_type_index = {name: i for i, name in enumerate(self.answer_types)}
+        n = len(self.answer_types)
+        # float64 sums, int64 counts: an epoch of float32 additions would drift in the last digits
+        self.add_state("score", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("type_score", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("type_count", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        valid: Tensor | None = None,
+        answer_types: Tensor | Sequence[str] | None = None,
+    ) -> None:
+        """``logits``/``targets`` [B, A]; ``valid`` [B] bool, False on padding rows, which do not
+        count; ``answer_types`` [B] indices into the metric's answer types, or the names of the
+        first rows (the real ones, when padding rows follow and ``valid`` marks them)."""
+        if logits.shape != targets.shape:
+            raise ValueError(
+                f"SoftScoreAccuracy.update: logits {tuple(logits.shape)} and targets "
+                f"{tuple(targets.shape)} differ"
+            )
+        rows = logits.shape[0]
+        picked = targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1).double()
+        if valid is None:
+            scores = picked
+            self.count += rows
+        else:
+            # where, not a product: a NaN on a padding row must not reach the sums
+            scores = torch.where(valid, picked, 0.0)
+            self.count += valid.sum()
+        self.score += scores.sum()
+        if answer_types is None:
+            return
+        type_ids = self._type_ids(answer_types, rows, valid is not None, picked.device)
+        one_hot = type_ids.unsqueeze(1) == torch.arange(
+            len(self.answer_types), device=picked.device
+        )
+        if valid is not None:
+            one_hot = one_hot & valid.unsqueeze(1)
+        # a masked sum rather than index_add_: deterministic on CUDA (trainer=deterministic)
+        self.type_score += torch.where(one_hot, scores.unsqueeze(1), 0.0).sum(dim=0)
+        self.type_count += one_hot.sum(dim=0)
+
+    def _type_ids(
+        self, answer_types: Tensor | Sequence[str], rows: int, padded: bool, device: torch.device
+    ) -> Tensor:
+        if isinstance(answer_types, Tensor):
+            return answer_types.to(device, non_blocking=True)
+        unknown = sorted(set(answer_types) - self._answer_type_index.keys())
+        if unknown:
+            raise ValueError(f"unknown answer types {unknown}; expected one of {self.answer_types}")
+        if len(answer_types) > rows or (len(answer_types) < rows and not padded):
+            raise ValueError(
+                f"SoftScoreAccuracy.update: {len(answer_types)} answer types for {rows} rows "
+                "(fewer only with `valid` marking the padding rows after them)"
+            )
+        ids = [self._answer_type_index[t] for t in answer_types]
+        ids += [0] * (rows - len(ids))  # padding rows: any type, `valid` leaves them out
+        # Built on the host and copied without blocking: a blocking copy to a GPU waits for
+        # every kernel queued before it.
+        return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
+
+    def compute(self) -> dict[str, Tensor]:
+        if self.count == 0:
+            return {}
+        results = {"overall": self.score / self.count}
+        for i, (score, count) in enumerate(
+            zip(self.type_score, self.type_count.tolist(), strict=True)
+        ):
+            if count > 0:
+                results[self.answer_types[i]] = score / count
+        return results
+
+
+class StepMean(MeanMetric):
+    """A weighted mean whose ``update`` never waits for the device, for per-step values (losses).
+
+    ``MeanMetric`` looks for NaNs with ``if nans.any()`` on every update, a host synchronisation;
+    its ``nan_strategy="disable"`` skips that but (torchmetrics 1.9) also drops the weights, which
+    would average batches of different sizes as equals. A NaN value still shows: the mean becomes
+    NaN. Same states and arithmetic as ``MeanMetric`` otherwise, so checkpoints are unchanged.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(nan_strategy="disable", **kwargs)
+
+    def update(self, value: Tensor | float, weight: Tensor | float = 1.0) -> None:
+        """``value`` a tensor (or float) of values, ``weight`` one weight for them all or one
+        each; a Python number stays a kernel argument (no host-to-device copy)."""
+        if not isinstance(value, Tensor):
+            value = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        value = value.to(self.dtype)
+        if isinstance(weight, Tensor):
+            weight = torch.broadcast_to(weight.to(self.dtype), value.shape)
+            self.weight += weight.sum()
+        else:
+            self.weight += weight * value.numel()
+        self.mean_value += (value * weight).sum()
 
 
 def _grouped_means(values: Tensor, groups: Tensor, names: Sequence[str]) -> dict[str, Tensor]:

@@ -70,7 +70,22 @@ class BertTextEncoder(nn.Module):
         return self
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.model.config._attn_implementation == "sdpa":
+            attention_mask = _sdpa_mask(attention_mask)
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _sdpa_mask(attention_mask: Tensor) -> Tensor:
+    """The [B, 1, N, N] boolean mask transformers builds for SDPA from a [B, N] padding mask.
+
+    Given the 2D mask, transformers first asks ``attention_mask.all()`` (no padding at all: no
+    mask, which lets SDPA pick its flash kernel), a host read that makes every forward wait for
+    the GPU. A 4D mask is used as it is. Where the batch has padding this is the very mask it
+    would build; where it has none, a mask of ones adds zeros (bit-identical on CPU; on a GPU
+    such a batch may run another SDPA kernel than flash).
+    """
+    n = attention_mask.shape[1]
+    return attention_mask.bool()[:, None, None, :].expand(-1, 1, n, n)
 
 
 def _from_hub(
