@@ -78,7 +78,7 @@ def loader_throughput(root: Path, config: ShapesConfig, num_workers: int, batche
     next(loader)
     start, questions = time.perf_counter(), 0
     for _ in range(batches):
-        questions += len(next(loader)["question_id"])
+        questions += next(loader).num_real_questions
     return questions / (time.perf_counter() - start)
 
 

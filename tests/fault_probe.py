@@ -36,7 +36,7 @@ class StepRecorder(pl.Callback):
                 "rank": trainer.global_rank,
                 "epoch": trainer.current_epoch,
                 "batch_idx": batch_idx,
-                "question_ids": [int(q) for q in batch["question_id"]],
+                "question_ids": [int(q) for q in batch.question_id],
                 "loss": float(loss.detach()),
             }
         )

@@ -244,10 +244,10 @@ def test_skip_mode_drops_unreadable_images_from_the_batch_with_a_warning(
         for qid, image_id in zip(table["question_id"], table["image_id"], strict=True)
         if image_id > 2
     ]
-    assert batch["question_id"].tolist() == good
-    assert batch["image_index"].shape[0] == batch["targets"].shape[0] == len(good)
+    assert batch.question_id.tolist() == good
+    assert batch.image_index.shape[0] == batch.targets.shape[0] == len(good)
     good_images = {i for i in table["image_id"] if i > 2}
-    assert batch["images"].shape[0] == len(good_images)  # each readable image stored once
+    assert batch.images.shape[0] == len(good_images)  # each readable image stored once
     with pytest.raises(DataError, match="unreadable"):
         VQACollator(pad_token_id=0, num_answers=1)([None, None])
-    assert torch.isfinite(batch["images"]).all()
+    assert torch.isfinite(batch.images).all()

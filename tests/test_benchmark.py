@@ -1,6 +1,6 @@
 """scripts/benchmark.py (`make bench`): the report's sections and arithmetic at tiny sizes, the
 bare loop it compares Lightning against (same weights from the same seed and batches), the FLOP
-count behind MFU and the memory tracker, checked against hand counts."""
+count behind MFU, the memory tracker and the op/sync counts, checked against hand counts."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from scripts import benchmark as bench
 from vqa.models.head import MLPHead
 from vqa.train import build_components
+from vqa.utils.op_counter import count_ops
 from vqa.utils.project import CONFIG_DIR
 
 
@@ -56,7 +57,7 @@ def quick_report(tmp_path: Path, shared_data_dir: Path) -> tuple[dict, str, list
 def test_quick_report_has_every_section_and_consistent_ratios(quick_report) -> None:
     report, md, fusions_run = quick_report
     assert set(bench.SECTIONS) <= set(report)
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
         assert heading in md
 
     fusions = report["fusions"]["rows"]
@@ -115,27 +116,173 @@ def test_quick_report_has_every_section_and_consistent_ratios(quick_report) -> N
         }
         assert mem[(4, 4)] > mem[(2, 4)]
 
-    gpu = report["gpu"]
+    check_gpu_smoke(report["gpu"], md)
+    check_ops(report["ops"], md, fusions_run, report["meta"]["quickstart"]["fusion"])
+
+
+def check_gpu_smoke(gpu: dict, md: str) -> None:
     assert gpu["smoke"] and gpu["device"] != "cuda"
     assert gpu["precision"] == "bf16-mixed" and gpu["channels_last"]
-    # The head alone does 6 * B * (in*h + h*A) FLOPs per training step: the model does more.
-    head = 6 * gpu["batch_questions"] * (64 * 32 + 32 * 16)  # parallel out_dim 2*32, hidden 32
-    assert gpu["flops_per_step"] > head
-    for kind in ("bare", "lightning"):
-        assert gpu[kind]["samples_per_s"] > 0
-        assert gpu[kind]["mfu"] is None  # no peak for a CPU
-        assert gpu[kind]["achieved_tflops"] == pytest.approx(
-            gpu["flops_per_step"] / (gpu[kind]["step_ms"] / 1000) / 1e12, rel=1e-9
+    rows = gpu["rows"]
+    assert [r["row"] for r in rows] == [
+        *["sweep"] * 3,
+        "grouped",
+        *["optimizer"] * 2,
+        "lightning",
+        "anchor",
+        "e2e",
+        "graphs",
+    ]
+    timed = [r for r in rows if r["row"] not in ("graphs", "e2e")]
+    for r in timed:
+        assert r["step_ms"] > 0
+        assert r["mfu"] is None  # no peak for a CPU
+        assert r["achieved_tflops"] == pytest.approx(
+            r["flops_per_step"] / (r["step_ms"] / 1000) / 1e12, rel=1e-9
         )
+        if r["row"] != "anchor":
+            # The head alone does 6 * B * (in*h + h*A) FLOPs per training step: the model more.
+            assert r["flops_per_step"] > 6 * r["questions"] * (64 * 32 + 32 * 16)
+            assert r["questions_per_s"] == pytest.approx(r["questions"] / r["step_ms"] * 1000)
+    sweep = [r for r in rows if r["row"] == "sweep"]
+    assert [(r["images"], r["questions"]) for r in sweep] == [(2, 2), (4, 4), (8, 8)]
+    assert sweep[0]["flops_per_step"] < sweep[1]["flops_per_step"] < sweep[2]["flops_per_step"]
+    fixed, per_image = bench.fit_line([(r["images"], r["step_ms"]) for r in sweep])
+    assert gpu["summary"]["fixed_cost"]["fixed_ms"] == pytest.approx(fixed)
+    assert gpu["summary"]["fixed_cost"]["ms_per_image"] == pytest.approx(per_image)
+    (grouped,) = [r for r in rows if r["row"] == "grouped"]
+    assert (grouped["images"], grouped["questions"]) == (2, 4)
+
+    foreach, fused = (r for r in rows if r["row"] == "optimizer")
+    assert "foreach" in foreach["label"] and "fused" in fused["label"]
+    # Same model and batch: only the optimizer phase differs, fused in fewer ops and no host
+    # reads (the other implementations read each parameter's CPU step count with .item()).
+    for phase in ("forward", "backward"):
+        assert fused["ops"]["phases"][phase] == foreach["ops"]["phases"][phase] > 0
+    assert 0 < fused["ops"]["phases"]["optimizer"] < foreach["ops"]["phases"]["optimizer"]
+    assert fused["ops"]["phase_host_syncs"]["optimizer"] == 0
+
+    lightning = next(r for r in rows if r["row"] == "lightning")
+    bare = next(r for r in sweep if r["images"] == lightning["images"])
+    assert gpu["summary"]["lightning_over_bare"] == pytest.approx(
+        lightning["questions_per_s"] / bare["questions_per_s"]
+    )
+    anchor = next(r for r in rows if r["row"] == "anchor")
+    assert anchor["questions"] is None and anchor["flops_per_step"] > 0
+    assert "resnet18 alone" in anchor["label"] and "fused" in anchor["label"]
+
+    e2e = next(r for r in rows if r["row"] == "e2e")
+    assert "error" not in e2e, e2e.get("log_tail")
+    assert e2e["command"].split()[1] == "train.py" and "trainer.max_steps=6" in e2e["command"]
+    # tiny set: 8 images x 4 questions, batches of 8 questions = 2 whole images
+    assert (e2e["steps_run"], e2e["steps_timed"], e2e["questions"], e2e["images"]) == (6, 3, 8, 2)
+    assert e2e["questions_per_s"] == pytest.approx(8 / e2e["step_ms"] * 1000)
+    assert e2e["checkpoint"].endswith("checkpoints/last.ckpt")
+    (graphs,) = [r for r in rows if r["row"] == "graphs"]
+    assert "CUDA" in graphs["skipped"]
+    assert "| graphs | eager vs torch.compile" in md and "Fixed cost" in md
+
+
+def check_ops(ops: dict, md: str, fusions_run: list[str], default: str) -> None:
+    expected = [(f, "bare") for f in fusions_run] + [(f, "lightning") for f in fusions_run]
+    expected.append((default, "lightning + callbacks, logger"))
+    assert sorted((r["fusion"], r["loop"]) for r in ops["rows"]) == sorted(expected)
+    for r in ops["rows"]:
+        assert r["kernels"] > 0 and min(r["phases"].values()) > 0
+        assert sum(r["phases"].values()) == pytest.approx(r["kernels"])
+        assert r["host_syncs"] == pytest.approx(
+            sum(r["syncs"].values()) + sum(r["host_reads"].values())
+        )
+        assert sum(r["phase_host_syncs"].values()) == pytest.approx(r["host_syncs"])
+        counts = [n for _, n in r["top_ops"]]
+        assert len(counts) == 10 and counts == sorted(counts, reverse=True)
+        assert counts[0] <= r["kernels"]
+        assert f"| {r['fusion']} | {r['loop']} | {bench._n(r['kernels'])} |" in md
+    for fusion in fusions_run:
+        by_loop = {r["loop"]: r for r in ops["rows"] if r["fusion"] == fusion}
+        # training_step runs what the bare forward runs, plus its metrics and logging
+        assert by_loop["lightning"]["phases"]["forward"] > by_loop["bare"]["phases"]["forward"]
+    user = next(r for r in ops["rows"] if r["loop"] == "lightning + callbacks, logger")
+    assert user["steps_counted"] == 10  # the tiny trainer's log_every_n_steps
+    assert "## 6. Kernels and host syncs per training step" in md
+
+
+def test_ops_summary_counts_phases_and_a_deliberate_host_sync() -> None:
+    x = torch.randn(8, 8, requires_grad=True)
+    phases = bench.count_phases(
+        [("compute", lambda: (x @ x).relu().sum().backward()), ("read", lambda: x.sum().item())]
+    )
+    summary = bench.ops_summary(phases)
+    with count_ops() as read:
+        x.sum().item()
+    assert summary["phase_host_syncs"] == {"compute": 0, "read": read.host_syncs}
+    assert read.host_syncs > 0 and summary["host_syncs"] == read.host_syncs
+    assert summary["phases"]["read"] == read.kernels
+    assert summary["kernels"] == sum(p.kernels for p in phases.values())
+    # averaged over steps
+    assert bench.ops_summary(phases, steps=2)["kernels"] == summary["kernels"] / 2
+
+
+class _Syncing(pl.LightningModule):
+    """A training step that reads its loss on the host: the sync the ops section must see."""
+
+    def __init__(self, sync: bool) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.sync = sync
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.layer(batch).pow(2).mean()
+        if self.sync:
+            loss.item()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_ops_window_counts_the_asked_steps_by_phase(tmp_path: Path, sync: bool) -> None:
+    counter = bench.OpsWindow(first=1, steps=2)
+    trainer = pl.Trainer(
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[counter],
+        default_root_dir=tmp_path,
+    )
+    batches = [torch.randn(2, 4) for _ in range(4)]
+    trainer.fit(_Syncing(sync), train_dataloaders=bench.in_memory_loader(batches))
+    phases = [phase for phase, _ in counter.records]
+    assert phases == ["forward", "backward", "optimizer"] * 2
+    summary = bench.ops_summary(counter.phases, steps=2)
+    assert summary["phases"]["backward"] > 0 and summary["phases"]["optimizer"] > 0
+    # .item() in training_step: one host read and its _local_scalar_dense, in the forward phase
+    assert summary["phase_host_syncs"]["forward"] == (2 if sync else 0)
+
+
+def test_fit_line_recovers_a_line() -> None:
+    assert bench.fit_line([(4, 14.0), (32, 28.0), (128, 76.0)]) == pytest.approx((12.0, 0.5))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the skip message is for CPU-only machines")
-def test_gpu_section_skips_without_cuda(tmp_path: Path) -> None:
+def test_gpu_section_records_each_row_as_skipped_without_cuda(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     report = bench.main(["--quick", "--sections", "gpu", "--threads", "1", "--out", str(out)])
-    assert report["gpu"] == {"skipped": "no CUDA"}
-    assert json.loads((out / "benchmark.json").read_text())["gpu"] == {"skipped": "no CUDA"}
-    assert "skipped: no CUDA" in (out / "benchmark.md").read_text()
+    rows = report["gpu"]["rows"]
+    assert [r["row"] for r in rows] == list(bench.GPU_ROWS)
+    for r in rows:
+        assert r["skipped"].startswith("no CUDA device") and "--gpu-smoke" in r["skipped"]
+    assert json.loads((out / "benchmark.json").read_text())["gpu"]["rows"] == rows
+    md = (out / "benchmark.md").read_text()
+    assert md.count("| skipped: no CUDA device") == len(bench.GPU_ROWS)
+    # --gpu-rows keeps the order of GPU_ROWS whatever the order asked
+    report = bench.main(
+        ["--quick", "--sections", "gpu", "--gpu-rows", "graphs", "sweep", "--out", str(out)]
+    )
+    assert [r["row"] for r in report["gpu"]["rows"]] == ["sweep", "graphs"]
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

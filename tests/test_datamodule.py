@@ -3,6 +3,7 @@ and the tokenizer it builds or loads."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw
 import vqa.data.datamodule as datamodule_module
 from vqa.data.answers import AnswerVocab, normalize_answer, soft_target_tensor
 from vqa.data.artifacts import artifacts_from_dict, load_artifacts
+from vqa.data.batch import VQABatch
 from vqa.data.datamodule import VQADataModule
 from vqa.data.errors import DataError
 from vqa.data.hub import HubSource
@@ -27,6 +29,7 @@ from vqa.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from vqa.data.shapes import MANIFEST_NAME
 from vqa.data.sources import ShapesSource, VQAv2Source
 from vqa.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from vqa.metrics import ANSWER_TYPES
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "data"
 SOURCE = ShapesSource(
@@ -48,6 +51,11 @@ BATCH_KEYS = {
     "question_type",
     "answer_type",
 }
+
+
+def present(batch: VQABatch) -> set[str]:
+    """The fields a batch carries (the others are None)."""
+    return {f.name for f in dataclasses.fields(batch) if getattr(batch, f.name) is not None}
 
 
 def make_dm(root: Path, cache_dir: Path | None, **overrides: Any) -> VQADataModule:
@@ -90,67 +98,101 @@ def test_prepare_data_generates_only_when_missing(data_root: Path) -> None:
 
 def test_train_batch_contract(fitted: VQADataModule) -> None:
     batch = next(iter(fitted.train_dataloader()))
-    assert set(batch) == BATCH_KEYS | {"answers", "targets"}
+    assert isinstance(batch, VQABatch)
+    assert present(batch) == BATCH_KEYS | {"answers", "targets", "answer_type_id"}
     b = 8
-    images = batch["images"]
+    images = batch.images
     # each distinct image once; image_index maps the b questions to their image rows
-    assert images.shape == (batch["image_id"].unique().numel(), 3, 40, 40)
-    assert images.dtype == torch.float32 and batch["image_index"].shape == (b,)
+    assert images.shape == (batch.image_id.unique().numel(), 3, 40, 40)
+    assert images.dtype == torch.float32 and batch.image_index.shape == (b,)
     for i, j in itertools.combinations(range(b), 2):
-        same_image = bool(batch["image_id"][i] == batch["image_id"][j])
-        assert same_image == bool(batch["image_index"][i] == batch["image_index"][j])
+        same_image = bool(batch.image_id[i] == batch.image_id[j])
+        assert same_image == bool(batch.image_index[i] == batch.image_index[j])
     pixels = (
         images * torch.tensor(IMAGENET_STD)[:, None, None]
         + torch.tensor(IMAGENET_MEAN)[:, None, None]
     )
     assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4 and images.mean().abs() < 2
 
-    ids, mask, tok = batch["input_ids"], batch["attention_mask"], fitted.tokenizer
+    ids, mask, tok = batch.input_ids, batch.attention_mask, fitted.tokenizer
     assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape
     assert ids.shape[1] <= 14 and mask.sum(1).max() == ids.shape[1]  # padded to the longest
     assert torch.equal(mask.bool(), ids != tok.pad_token_id)
     lengths = mask.sum(1)
     assert (ids[:, 0] == tok.cls_token_id).all()
     assert (ids[torch.arange(b), lengths - 1] == tok.sep_token_id).all()
-    for row, question in zip(ids, batch["question"], strict=True):
+    for row, question in zip(ids, batch.question, strict=True):
         assert tok.decode(row, skip_special_tokens=True).replace(" ", "") == question.replace(
             " ", ""
         )
 
-    assert batch["question_id"].dtype == batch["image_id"].dtype == torch.long
-    assert batch["question_id"].shape == (b,) and torch.equal(
-        batch["question_id"] // 1000, batch["image_id"]
+    assert batch.question_id.dtype == batch.image_id.dtype == torch.long
+    assert batch.question_id.shape == (b,) and torch.equal(
+        batch.question_id // 1000, batch.image_id
     )
-    assert len(batch["question"]) == len(batch["question_type"]) == len(batch["answer_type"]) == b
-    assert all(len(a) == 10 for a in batch["answers"])
+    assert len(batch.question) == len(batch.question_type) == len(batch.answer_type) == b
+    assert batch.num_questions == batch.num_real_questions == b
+    assert all(len(a) == 10 for a in batch.answers)
+    assert batch.answer_type_id.dtype == torch.long
+    assert [ANSWER_TYPES[i] for i in batch.answer_type_id.tolist()] == list(batch.answer_type)
 
     vocab = fitted.answer_vocab
-    assert batch["targets"].shape == (b, len(vocab)) and batch["targets"].dtype == torch.float32
-    for target, answers in zip(batch["targets"], batch["answers"], strict=True):
+    assert batch.targets.shape == (b, len(vocab)) and batch.targets.dtype == torch.float32
+    for target, answers in zip(batch.targets, batch.answers, strict=True):
         assert torch.equal(target, soft_target_tensor(answers, vocab))
         majority = Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
         assert vocab.decode(int(target.argmax())) == majority and target.max() == 1.0
 
 
-def test_batch_transfer_moves_tensors_and_leaves_strings_alone(fitted: VQADataModule) -> None:
+@pytest.mark.parametrize("visual", ["images", "visual_features"])
+def test_batch_transfer_moves_tensors_and_leaves_strings_alone(
+    fitted: VQADataModule, visual: str
+) -> None:
     batch = next(iter(fitted.train_dataloader()))
-    batch["visual_features"] = [torch.zeros(2, 3), torch.ones(2, 4)]  # as a cached batch has
+    if visual == "visual_features":  # as a cached batch has them
+        batch = dataclasses.replace(
+            batch, images=None, visual_features=(torch.zeros(2, 3), torch.ones(2, 4))
+        )
     moved = fitted.transfer_batch_to_device(batch, torch.device("meta"), 0)
-    assert set(moved) == set(batch)
-    for key, value in batch.items():
+    assert isinstance(moved, VQABatch) and present(moved) == present(batch)
+    for f in dataclasses.fields(batch):
+        value, after = getattr(batch, f.name), getattr(moved, f.name)
         if isinstance(value, torch.Tensor):
-            assert moved[key].device.type == "meta" and moved[key].shape == value.shape, key
-        elif key == "visual_features":
-            assert [t.device.type for t in moved[key]] == ["meta", "meta"]
+            assert after.device.type == "meta" and after.shape == value.shape, f.name
+            assert value.device.type == "cpu", f"{f.name}: moved in place"
+        elif f.name == "visual_features" and value is not None:
+            assert [t.device.type for t in after] == ["meta", "meta"]
         else:  # questions, answer strings: the very objects, not walked element by element
-            assert moved[key] is value, key
+            assert after is value, f.name
+
+
+def test_other_batch_types_get_lightnings_transfer(fitted: VQADataModule) -> None:
+    batch = {"x": torch.zeros(2), "names": ["a", "b"]}
+    moved = fitted.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["x"].device.type == "meta" and moved["names"] == ["a", "b"]
+
+
+def test_a_pinning_loader_with_workers_yields_typed_batches(data_root: Path) -> None:
+    """data.pin_memory reaches the DataLoader, whose pin-memory thread calls
+    VQABatch.pin_memory; without an accelerator torch warns and skips pinning."""
+    dm = make_dm(data_root, None, num_workers=1, pin_memory=True)
+    dm.setup("validate")
+    loader = dm.val_dataloader()
+    assert loader.pin_memory and loader.num_workers == 1
+    if torch.accelerator.is_available():
+        batch = next(iter(loader))
+        assert batch.input_ids.is_pinned() and batch.images.is_pinned()
+    else:
+        with pytest.warns(UserWarning, match="pin_memory"):
+            batch = next(iter(loader))
+    assert isinstance(batch, VQABatch) and present(batch) >= BATCH_KEYS
 
 
 def test_truncation_keeps_sep(data_root: Path) -> None:
     dm = make_dm(data_root, None, max_question_length=5)
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
-    ids, lengths = batch["input_ids"], batch["attention_mask"].sum(1)
+    ids, lengths = batch.input_ids, batch.attention_mask.sum(1)
     assert ids.shape[1] == 5 and (lengths == 5).any()
     assert (ids[torch.arange(len(ids)), lengths - 1] == dm.tokenizer.sep_token_id).all()
 
@@ -159,20 +201,20 @@ def test_unannotated_test_split_has_no_answers(data_root: Path) -> None:
     dm = make_dm(data_root, None, test_split="test2015")
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
-    assert set(batch) == BATCH_KEYS and batch["image_index"].shape[0] == 3 * 4
-    assert batch["images"].shape[0] == 3  # 3 images x 4 questions, each image stored once
-    assert batch["answer_type"] == [""] * 12
+    assert present(batch) == BATCH_KEYS and batch.image_index.shape[0] == 3 * 4
+    assert batch.images.shape[0] == 3  # 3 images x 4 questions, each image stored once
+    assert batch.answer_type == ("",) * 12
     assert set(dm.datasets) == {"test2015"}  # train/val were read for the vocabulary only
 
 
 def test_an_epoch_sees_every_question_once_shuffled(data_root: Path) -> None:
     dm = make_dm(data_root, None, batch_size=5)
     dm.setup("fit")
-    order = torch.cat([b["question_id"] for b in dm.train_dataloader()]).tolist()
+    order = torch.cat([b.question_id for b in dm.train_dataloader()]).tolist()
     table_order = dm.tables["train2014"].table["question_id"]
     assert sorted(order) == sorted(table_order) and len(order) == 64  # 64 = 12 batches + 4
     assert order != table_order
-    val_order = torch.cat([b["question_id"] for b in dm.val_dataloader()]).tolist()
+    val_order = torch.cat([b.question_id for b in dm.val_dataloader()]).tolist()
     assert val_order == dm.tables["val2014"].table["question_id"]
 
 
@@ -245,8 +287,8 @@ def test_artifacts_round_trip_and_evaluation_reuses_them(
     evaluation = make_dm(data_root, None, answer_vocab=vocab2, tokenizer=tokenizer2)
     evaluation.setup("validate")
     ours, theirs = next(iter(fitted.val_dataloader())), next(iter(evaluation.val_dataloader()))
-    assert torch.equal(ours["input_ids"], theirs["input_ids"]) and torch.equal(
-        ours["targets"], theirs["targets"]
+    assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(
+        ours.targets, theirs.targets
     )
     with pytest.raises(RuntimeError, match="setup"):
         make_dm(data_root, None).artifacts()
@@ -261,7 +303,7 @@ def test_workers_give_the_same_batches(data_root: Path) -> None:
     assert loader.persistent_workers and not single.val_dataloader().persistent_workers
     assert not make_dm(data_root, None, persistent_workers=True).persistent_workers  # needs workers
     a, b = next(iter(single.val_dataloader())), next(iter(loader))
-    assert torch.equal(a["images"], b["images"]) and torch.equal(a["targets"], b["targets"])
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
 
 
 def test_augmentation_never_flips_or_recolours() -> None:
@@ -360,9 +402,7 @@ def test_shapes_config_instantiates_and_runs(tmp_path: Path) -> None:
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["images"].shape[1:] == (3, 32, 32) and batch["targets"].shape[1] == len(
-        dm.answer_vocab
-    )
+    assert batch.images.shape[1:] == (3, 32, 32) and batch.targets.shape[1] == len(dm.answer_vocab)
 
 
 def test_vqav2_configs(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from omegaconf import open_dict
 from torch.utils.data import DistributedSampler
 
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from vqa.data.batch import VQABatch
 from vqa.data.datamodule import VQADataModule
 from vqa.data.samplers import DistributedImageGroupedSampler
 from vqa.data.shapes import is_current
@@ -129,22 +130,22 @@ class EvalRecorder(pl.Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         outputs: Any,
-        batch: dict[str, Any],
+        batch: VQABatch,
         batch_idx: int,
     ) -> None:
-        self.images["train"].update(batch["image_id"].tolist())
+        self.images["train"].update(batch.image_id.tolist())
 
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         outputs: Any,
-        batch: dict[str, Any],
+        batch: VQABatch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if not trainer.sanity_checking:
-            self.images["val"].update(batch["image_id"].tolist())
+            self.images["val"].update(batch.image_id.tolist())
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

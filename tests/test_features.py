@@ -100,7 +100,7 @@ def test_cached_training_equals_image_training(
     cached_metrics, cached_run = train(cached_cfg)
 
     batch = next(iter(cached_run["datamodule"].train_dataloader()))
-    assert "images" not in batch and [f.shape[1] for f in batch["visual_features"]] == [256, 512]
+    assert batch.images is None and [f.shape[1] for f in batch.visual_features] == [256, 512]
     # float32 maps: the same numbers as the encoder computes in the loop, up to kernel rounding
     # between batch sizes (none at all on one thread)
     for key in ("train/loss_epoch", "val/loss", "val/acc", "train/acc"):
@@ -225,13 +225,15 @@ def test_cached_datamodule_checks_the_model_encoder(
     # floats after the transfer.
     datamodule.check_visual_encoder(encoder(cfg.seed, stages=["layer4"]), splits)
     batch = next(iter(datamodule.val_dataloader()))
-    (layer4,) = batch["visual_features"]
-    assert layer4.shape == (batch["image_index"].max() + 1, 512, 1, 1)
+    (layer4,) = batch.visual_features
+    assert layer4.shape == (batch.image_index.max() + 1, 512, 1, 1)
     assert layer4.dtype == torch.float16
-    assert datamodule.on_after_batch_transfer(batch, 0)["visual_features"][0].dtype == torch.float32
+    cast = datamodule.on_after_batch_transfer(batch, 0)
+    assert cast.visual_features[0].dtype == torch.float32 and layer4.dtype == torch.float16
+    assert cast.input_ids is batch.input_ids and cast.answers is batch.answers  # that field only
     stored = FeatureStore(stores["float16"] / "val2014")
-    rows = stored.rows_for(batch["image_id"].numpy())
-    first = {int(i): r for i, r in zip(batch["image_index"].tolist(), rows.tolist(), strict=True)}
+    rows = stored.rows_for(batch.image_id.numpy())
+    first = {int(i): r for i, r in zip(batch.image_index.tolist(), rows.tolist(), strict=True)}
     np.testing.assert_array_equal(
         layer4.flatten(1).numpy(), stored.array[[first[i] for i in sorted(first)], 256 * 4 :]
     )

@@ -3,6 +3,7 @@ results."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import vqa.data.dataset as dataset_module
+from vqa.data.batch import VQABatch
 from vqa.data.collate import VQACollator
 from vqa.data.datamodule import VQADataModule
 from vqa.data.dataset import VQADataset
@@ -62,9 +64,9 @@ def test_collator_stores_each_image_once_and_indexes_it() -> None:
     batch = VQACollator(pad_token_id=0, num_answers=3)(
         [sample(0, 4), sample(1, 2), sample(2, 4), sample(3, 9), sample(4, 2)]
     )
-    assert batch["images"].shape[0] == 3
-    rebuilt = batch["images"][batch["image_index"]]
-    assert torch.equal(rebuilt[:, 0, 0, 0], batch["image_id"].float())
+    assert batch.images.shape[0] == 3
+    rebuilt = batch.images[batch.image_index]
+    assert torch.equal(rebuilt[:, 0, 0, 0], batch.image_id.float())
 
 
 # --------------------------------------------------------------- one decode per image and batch
@@ -115,20 +117,20 @@ class PerQuestion(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def batches(loader: DataLoader, seed: int) -> list[dict[str, Any]]:
+def batches(loader: DataLoader, seed: int) -> list[VQABatch]:
     torch.manual_seed(seed)  # the loader draws its worker seed, augmentation its parameters
     return list(loader)
 
 
-def assert_same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+def assert_same_batches(a: list[VQABatch], b: list[VQABatch]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for key in x:
-            if isinstance(x[key], torch.Tensor):
-                assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
+        for field in dataclasses.fields(x):
+            u, v = getattr(x, field.name), getattr(y, field.name)
+            if isinstance(u, torch.Tensor):
+                assert u.dtype == v.dtype and torch.equal(u, v), field.name
             else:
-                assert x[key] == y[key], key
+                assert u == v, field.name
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -144,10 +146,10 @@ def test_batches_are_bit_identical_to_per_question_fetches(data_root: Path, augm
 
     fetched = batches(loader(dataset), seed=0)
     assert_same_batches(fetched, batches(loader(PerQuestion(dataset)), seed=0))
-    assert sum(len(b["question_id"]) for b in fetched) == len(dataset)
-    assert any(b["image_id"].unique().numel() < len(b["image_id"]) for b in fetched)
+    assert sum(len(b.question_id) for b in fetched) == len(dataset)
+    assert any(b.image_id.unique().numel() < len(b.image_id) for b in fetched)
     if augment:  # the random tail ran: another seed gives other pixels
-        assert not torch.equal(fetched[0]["images"], batches(loader(dataset), seed=1)[0]["images"])
+        assert not torch.equal(fetched[0].images, batches(loader(dataset), seed=1)[0].images)
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -164,8 +166,8 @@ def test_each_batch_decodes_each_of_its_images_once(
     monkeypatch.setattr(dataset_module, "row_image", counting_row_image)
     questions = 0
     for batch in grouped_loader(data_root, augment):
-        assert sorted(decoded) == sorted(set(batch["image_id"].tolist()))
-        questions += len(batch["question_id"])
+        assert sorted(decoded) == sorted(set(batch.image_id.tolist()))
+        questions += len(batch.question_id)
         decoded.clear()
     assert questions == 12 * 5
 

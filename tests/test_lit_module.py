@@ -1,9 +1,11 @@
-"""`VQALitModule` on its own: modality dropout, losses, parameter groups, the LR schedule,
-the best-accuracy state and the random-number state a resumed run restores. No data set and
-no fit: a tiny network and hand-made batches."""
+"""`VQALitModule` on its own: modality dropout, losses, padding rows, parameter groups, the
+LR schedule, fused AdamW and its gradient clipping, the training-epoch metrics, the
+best-accuracy state and the random-number state a resumed run restores. No data set and no
+fit: a tiny network and hand-made batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -17,11 +19,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
 from tests.helpers import TINY_OVERRIDES, compose_config
+from vqa.data.batch import VQABatch
 from vqa.lit_module import VQALitModule, capture_rng_states, restore_rng_states
+from vqa.metrics import ANSWER_TYPES
+from vqa.utils.op_counter import count_ops
 
 ANSWERS = ["yes", "no", "2", "3", "red", "circle"]
 QUESTION_TYPES = ["how many", "is there a", "what color is the"]
@@ -48,23 +54,28 @@ def make_module(tmp_path: Path) -> Callable[..., VQALitModule]:
     return make
 
 
-def make_batch(batch_size: int = 6, length: int = 7, image_size: int = 32) -> dict[str, Any]:
+def make_batch(batch_size: int = 6, length: int = 7, image_size: int = 32) -> VQABatch:
     """A collated batch as `VQACollator` makes it (one image per question)."""
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(3, length + 1, (batch_size,), generator=g)
     targets = torch.zeros(batch_size, len(ANSWERS))
     targets[torch.arange(batch_size), torch.arange(batch_size) % len(ANSWERS)] = 1.0
     targets[0, 1] = 0.3  # soft scores: a minority of annotators said "no"
-    return {
-        "images": torch.randn(batch_size, 3, image_size, image_size, generator=g),
-        "input_ids": torch.randint(5, VOCAB_SIZE, (batch_size, length), generator=g),
-        "attention_mask": (torch.arange(length) < lengths[:, None]).long(),
-        "question_id": torch.arange(batch_size),
-        "question_type": [QUESTION_TYPES[i % 3] for i in range(batch_size)],
-        "answer_type": [("number", "yes/no", "other")[i % 3] for i in range(batch_size)],
-        "answers": [[ANSWERS[i % len(ANSWERS)]] * 10 for i in range(batch_size)],
-        "targets": targets,
-    }
+    answer_types = tuple(("number", "yes/no", "other")[i % 3] for i in range(batch_size))
+    return VQABatch(
+        images=torch.randn(batch_size, 3, image_size, image_size, generator=g),
+        input_ids=torch.randint(5, VOCAB_SIZE, (batch_size, length), generator=g),
+        attention_mask=(torch.arange(length) < lengths[:, None]).long(),
+        image_index=torch.arange(batch_size),
+        question_id=torch.arange(batch_size),
+        image_id=torch.arange(batch_size),
+        question=tuple(f"question {i}" for i in range(batch_size)),
+        question_type=tuple(QUESTION_TYPES[i % 3] for i in range(batch_size)),
+        answer_type=answer_types,
+        answer_type_id=torch.tensor([ANSWER_TYPES.index(t) for t in answer_types]),
+        answers=tuple((ANSWERS[i % len(ANSWERS)],) * 10 for i in range(batch_size)),
+        targets=targets,
+    )
 
 
 def attach_stub_trainer(module: VQALitModule, **attributes: Any) -> None:
@@ -104,8 +115,8 @@ def test_every_trainable_parameter_takes_part_whatever_the_dropout(
     module = make_module(image_dropout=image, question_dropout=question)
     batch = make_batch()
     loss = module.compute_loss(
-        module(batch, **module.sample_modality_dropout(len(batch["input_ids"]))).logits,
-        batch["targets"],
+        module(batch, **module.sample_modality_dropout(batch.num_questions)).logits,
+        batch.targets,
     )
     loss.backward()
     unused = [n for n, p in module.net.named_parameters() if p.requires_grad and p.grad is None]
@@ -155,10 +166,10 @@ def test_dropped_modality_becomes_the_learned_null_per_sample(make_module) -> No
     module = make_module()
     module.eval()  # no nn.Dropout noise: compare forwards exactly
     batch = make_batch()
-    scrambled = dict(
+    scrambled = dataclasses.replace(
         batch,
-        images=torch.randn_like(batch["images"]),
-        input_ids=torch.randint(5, VOCAB_SIZE, batch["input_ids"].shape),
+        images=torch.randn_like(batch.images),
+        input_ids=torch.randint(5, VOCAB_SIZE, batch.input_ids.shape),
     )
     drop_image = torch.tensor([True, True, False, False, False, False])
     drop_question = torch.tensor([False, False, True, True, False, False])
@@ -170,15 +181,17 @@ def test_dropped_modality_becomes_the_learned_null_per_sample(make_module) -> No
     assert not torch.allclose(dropped[:4], plain[:4])
     # a dropped image ignores the pixels; a dropped question ignores the tokens
     torch.testing.assert_close(
-        module(dict(batch, images=scrambled["images"]), drop_image=drop_image).logits[:2],
+        module(dataclasses.replace(batch, images=scrambled.images), drop_image=drop_image).logits[
+            :2
+        ],
         module(batch, drop_image=drop_image).logits[:2],
         rtol=0,
         atol=1e-6,
     )
     torch.testing.assert_close(
-        module(dict(batch, input_ids=scrambled["input_ids"]), drop_question=drop_question).logits[
-            2:4
-        ],
+        module(
+            dataclasses.replace(batch, input_ids=scrambled.input_ids), drop_question=drop_question
+        ).logits[2:4],
         module(batch, drop_question=drop_question).logits[2:4],
         rtol=0,
         atol=1e-6,
@@ -188,7 +201,7 @@ def test_dropped_modality_becomes_the_learned_null_per_sample(make_module) -> No
     # the nulls are learned: they receive gradient, the dropped encoders none
     module.train()
     all_images = torch.ones(6, dtype=torch.bool)
-    module.compute_loss(module(batch, drop_image=all_images).logits, batch["targets"]).backward()
+    module.compute_loss(module(batch, drop_image=all_images).logits, batch.targets).backward()
     assert module.net.null_image.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for p in module.net.visual.parameters())
 
@@ -372,3 +385,246 @@ def test_rng_state_is_restored_only_when_resuming_a_fit(make_module) -> None:
     attach_stub_trainer(module, state=fitting, world_size=1, global_rank=0)
     module.on_load_checkpoint(checkpoint)
     assert torch.equal(torch.rand(4), expected)
+
+
+# ----------------------------------------------------------------------------- padding rows
+
+
+def padded_copy(batch: VQABatch, extra: int) -> VQABatch:
+    """``batch`` with ``extra`` padding rows, as static shapes make them: copies of the last real
+    question (its image too, each question keeping its own image row), ``question_valid``/
+    ``image_valid`` False, tensors padded and the host records left with the real rows. Unlike
+    the collator's, the padding rows keep their targets, so only ``question_valid`` can keep
+    them out of the loss and the metrics."""
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
+
+    rows = batch.num_questions
+    names = ("images", "input_ids", "attention_mask", "question_id", "image_id", "targets")
+    return dataclasses.replace(
+        batch,
+        **{name: pad(getattr(batch, name)) for name in names},
+        answer_type_id=pad(batch.answer_type_id),
+        image_index=torch.arange(rows + extra),
+        question_valid=torch.arange(rows + extra) < rows,
+        image_valid=torch.arange(rows + extra) < rows,
+    )
+
+
+def step_and_gradients(
+    module: VQALitModule, batch: VQABatch
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.zero_grad()
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_padding_rows_change_neither_loss_nor_gradients_nor_train_metrics(
+    make_module, loss: str
+) -> None:
+    batch = make_batch()
+    batch.targets[2] = 0.0  # a question whose answer is outside the vocabulary
+    module = make_module(loss=loss, image_dropout=0.0, question_dropout=0.0)
+    # Eval mode: nn.Dropout draws as many numbers as the batch has rows, and BatchNorm would mix
+    # the copies into its statistics; gradients still flow.
+    module.eval()
+    reference_loss, reference_grads = step_and_gradients(module, batch)
+    reference_metrics = {k: v.clone() for k, v in module.state_dict().items() if "train_" in k}
+
+    padded = make_module(loss=loss, image_dropout=0.0, question_dropout=0.0)
+    padded.eval()
+    padded_loss, padded_grads = step_and_gradients(padded, padded_copy(batch, extra=4))
+
+    torch.testing.assert_close(padded_loss, reference_loss)
+    assert padded_grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, msg=name)
+    padded_metrics = {k: v for k, v in padded.state_dict().items() if "train_" in k}
+    assert padded_metrics.keys() == reference_metrics.keys()
+    for key, value in reference_metrics.items():
+        torch.testing.assert_close(padded_metrics[key], value, msg=key)
+    assert padded.train_acc.count.item() == 6
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_the_training_accuracy_takes_the_batch_answer_type_ids(make_module, monkeypatch) -> None:
+    """The ids travel to the device with the batch: the step builds no tensor of answer types
+    on the host (the string path would)."""
+    module = make_module()
+    batch = make_batch()
+    seen: list[Any] = []
+    update = module.train_acc.update
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append(args[3] if len(args) > 3 else kwargs.get("answer_types"))
+        update(*args, **kwargs)
+
+    monkeypatch.setattr(module.train_acc, "update", spy)
+    module.training_step(batch, 0)
+    assert len(seen) == 1 and seen[0] is batch.answer_type_id
+    assert module.train_acc.type_count.tolist() == [2, 2, 2]  # per answer type, on the device
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_the_loss_ignores_padding_rows_whatever_they_hold(make_module, loss: str) -> None:
+    module = make_module(loss=loss)
+    logits = torch.randn(5, len(ANSWERS))
+    targets = torch.rand(5, len(ANSWERS))
+    valid = torch.tensor([True, True, True, False, False])
+    wild = torch.cat([logits[:3], torch.full((2, len(ANSWERS)), float("nan"))])
+    torch.testing.assert_close(
+        module.compute_loss(wild, targets, valid), module.compute_loss(logits[:3], targets[:3])
+    )
+    nothing = module.compute_loss(logits, targets, torch.zeros(5, dtype=torch.bool))
+    assert nothing.item() == 0.0
+
+
+def test_without_padding_the_bce_loss_is_the_original_expression(make_module) -> None:
+    """Bit for bit: the quick-start's results are checked exactly."""
+    module = make_module(loss="bce")
+    logits = torch.randn(7, len(ANSWERS)).bfloat16()
+    targets = torch.rand(7, len(ANSWERS))
+    expected = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / 7
+    assert torch.equal(module.compute_loss(logits, targets), expected)
+
+
+def test_validation_scores_only_the_real_rows(make_module) -> None:
+    batch = make_batch()
+    module = make_module()
+    module.eval()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        expected = (module.val_acc.per_question(), module.val_loss.compute())
+        module.val_acc.reset()
+        module.val_loss.reset()
+        module.validation_step(padded_copy(batch, extra=3), 0)
+    assert module.val_acc.per_question() == expected[0]
+    torch.testing.assert_close(module.val_loss.compute(), expected[1])
+
+
+def test_ce_loss_has_no_host_sync(make_module) -> None:
+    module = make_module(loss="ce")
+    logits = torch.randn(4, len(ANSWERS), requires_grad=True)
+    targets = torch.zeros(4, len(ANSWERS))
+    targets[0, 1] = 1.0
+    with count_ops() as counted:
+        module.compute_loss(logits, targets).backward()
+        module.compute_loss(logits, targets, torch.tensor([True, True, False, False]))
+    assert counted.host_syncs == 0, (counted.syncs, counted.host_reads)
+
+
+# ----------------------------------------------------------------------------- train metrics
+
+
+def test_train_metrics_are_device_tensors_persisted_with_the_checkpoint(make_module) -> None:
+    module = make_module()
+    state = module.state_dict()
+    for name in ("train_acc", "train_loss"):
+        keys = [k for k in state if k.startswith(f"{name}.")]
+        assert keys and all(isinstance(state[k], torch.Tensor) for k in keys), name
+
+
+def test_resume_on_another_rank_blanks_the_tensor_states(make_module) -> None:
+    module = make_module()
+    module.train_acc.update(*soft_batch(), answer_types=["yes/no", "number", "other"])
+    module.train_loss.update(torch.tensor(2.0), weight=3)
+    checkpoint: dict[str, Any] = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"]["train_acc.count"].item() == 3
+
+    fitting = SimpleNamespace(fn=TrainerFn.FITTING)
+    attach_stub_trainer(module, state=fitting, world_size=1, global_rank=1)
+    module.on_load_checkpoint(checkpoint)
+    blanked = checkpoint["state_dict"]
+    assert blanked["train_acc.count"].item() == 0
+    assert blanked["train_acc.type_score"].tolist() == [0.0, 0.0, 0.0]
+    assert blanked["train_loss.weight"].item() == 0
+    assert blanked["net.null_image"] is not None  # the weights are left alone
+
+
+def test_a_checkpoint_from_before_the_device_accuracy_still_resumes(make_module) -> None:
+    """Older checkpoints hold the string metric's per-question states under train_acc."""
+    module = make_module()
+    state = module.state_dict()
+    for key in [k for k in state if k.startswith("train_acc.")]:
+        del state[key]
+    state |= {
+        "train_acc.question_id": [torch.tensor([1, 2])],
+        "train_acc.accuracy": [torch.tensor([1.0, 0.3], dtype=torch.float64)],
+    }
+    checkpoint: dict[str, Any] = {"state_dict": state}
+    attach_stub_trainer(
+        module, state=SimpleNamespace(fn=TrainerFn.FITTING), world_size=1, global_rank=0
+    )
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])  # strict: nothing unexpected left
+    assert module.train_acc.count.item() == 0
+
+
+def soft_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    targets = torch.zeros(3, len(ANSWERS))
+    targets[0, 0], targets[1, 2], targets[2, 4] = 1.0, 0.6, 0.3
+    return targets + 0.01 * torch.arange(len(ANSWERS)), targets
+
+
+# ----------------------------------------------------------------------------- fused AdamW
+
+
+def test_fused_adamw_is_a_config_key_passed_to_the_optimizer(tmp_path: Path) -> None:
+    def optimizer_of(*overrides: str) -> torch.optim.Optimizer:
+        cfg = compose_config("train", [*TINY_OVERRIDES, *overrides], tmp_path)
+        net = instantiate(cfg.model, num_answers=len(ANSWERS), vocab_size=VOCAB_SIZE)
+        module = instantiate(cfg.module)(net=net, answer_vocab=ANSWERS)
+        attach_stub_trainer(module, estimated_stepping_batches=10)
+        return module.configure_optimizers()["optimizer"]
+
+    default = optimizer_of()
+    assert isinstance(default, torch.optim.AdamW) and default.defaults["fused"] is None
+    fused = optimizer_of("module.optimizer.fused=true")
+    assert fused.defaults["fused"] is True
+    assert all(g["fused"] is True for g in fused.param_groups)
+
+    preset = compose_config("train", ["experiment=vqav2_resnet101_bert"], tmp_path)
+    assert preset.module.optimizer.fused is True
+    assert preset.trainer.precision == "bf16-mixed" and preset.trainer.gradient_clip_val > 0
+
+
+def clipping_setup(
+    make_module, precision: str, fused: bool
+) -> tuple[VQALitModule, torch.optim.Optimizer]:
+    module = make_module()
+    batch = make_batch()
+    module.compute_loss(module(batch).logits, batch.targets).mul(1e3).backward()
+    params = [p for p in module.parameters() if p.grad is not None]
+    optimizer = torch.optim.AdamW(params, fused=fused)
+    attach_stub_trainer(
+        module,
+        precision_plugin=MixedPrecision(precision, "cpu"),
+        gradient_clip_val=0.5,
+        gradient_clip_algorithm="norm",
+    )
+    return module, optimizer
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_clips_the_gradients_of_fused_and_unfused_adamw(make_module, fused: bool) -> None:
+    module, optimizer = clipping_setup(make_module, "bf16-mixed", fused)
+    params = optimizer.param_groups[0]["params"]
+    assert torch.nn.utils.get_total_norm([p.grad for p in params]) > 0.5
+    module.configure_gradient_clipping(optimizer, 0.5, "norm")
+    assert torch.nn.utils.get_total_norm([p.grad for p in params]).item() == pytest.approx(
+        0.5, rel=1e-4
+    )
+
+
+def test_16_mixed_keeps_lightnings_refusal_to_clip_for_a_fused_optimizer(make_module) -> None:
+    """Its gradients are still scaled when clipping runs: clipping them would be wrong."""
+    module, optimizer = clipping_setup(make_module, "16-mixed", fused=True)
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        module.configure_gradient_clipping(optimizer, 0.5, "norm")

@@ -59,14 +59,9 @@ def test_same_logits_as_the_evaluation_pipeline(run: TinyRun, predictor: Predict
     )
     batch = next(iter(datamodule.predict_dataloader()))
     with torch.inference_mode():
-        expected = trained.model(
-            images=batch["images"],
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            image_index=batch.get("image_index"),
-        ).logits
-        ids = batch["image_id"].tolist()
-        inputs = predictor.encode([run.image("val2014", i) for i in ids], batch["question"])
+        expected = trained.model(**batch.model_inputs()).logits
+        ids = batch.image_id.tolist()
+        inputs = predictor.encode([run.image("val2014", i) for i in ids], batch.question)
         got = predictor.model(**inputs).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -5,6 +5,7 @@ the test stage. Tiny compositions on CPU (tests/helpers.py)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import struct
@@ -357,9 +358,9 @@ def test_image_dropout_one_learns_nothing_from_images(
     module, datamodule = objects["module"], objects["datamodule"]
     module.train()
     batch = next(iter(datamodule.train_dataloader()))
-    drop = module.sample_modality_dropout(batch["input_ids"].shape[0])
+    drop = module.sample_modality_dropout(batch.num_questions)
     assert drop["drop_image"].all() and not drop["drop_question"].any()
-    noise = dict(batch, images=torch.randn_like(batch["images"]) * 5)
+    noise = dataclasses.replace(batch, images=torch.randn_like(batch.images) * 5)
     with torch.no_grad():
         torch.manual_seed(0)
         logits = module(batch, **drop).logits
@@ -373,10 +374,10 @@ def test_image_dropout_one_learns_nothing_from_images(
     predictions, answers = [], []
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
-            n = batch["input_ids"].shape[0]
+            n = batch.num_questions
             out = module(batch, drop_image=torch.ones(n, dtype=torch.bool))
             predictions += module.decode(out.logits)
-            answers += batch["answers"]
+            answers += batch.answers
     accuracy = sum(map(vqa_accuracy, predictions, answers)) / len(answers)
     prior = question_type_prior_accuracy(datamodule)
     assert accuracy <= prior + 0.1, (accuracy, prior)

@@ -150,7 +150,7 @@ def test_grayscale_cmyk_palette_and_png_in_jpg_decode_to_rgb(root: Path) -> None
         table, placeholder_encoding(len(table)), build_transform(40), annotated=True
     )
     batch = VQACollator(pad_token_id=0, num_answers=2)([dataset[i] for i in range(len(dataset))])
-    images = batch["images"][batch["image_index"]]  # back to one image per question
+    images = batch.images[batch.image_index]  # back to one image per question
     assert images.shape == (len(table), 3, 40, 40) and images.dtype == torch.float32
     first_gray = next(i for i, image_id in enumerate(table["image_id"]) if image_id == 1)
     pixels = unnormalise(images[first_gray])

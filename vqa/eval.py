@@ -33,6 +33,7 @@ from torch import Tensor
 
 from vqa.checkpoint import TrainedModel, load_checkpoint
 from vqa.config_schema import register_schemas
+from vqa.data.batch import VQABatch
 from vqa.data.datamodule import VQADataModule
 from vqa.data.table import column
 from vqa.evaluation import EvalReport, evaluate_results
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 # The model was trained on these: a `data=<group>` swap must not silently change them.
 PREPROCESSING_KEYS = ("image_size", "max_question_length")
-# Batch entries VQAModel takes; the rest (answers, types, ...) is for scoring.
-MODEL_INPUT_KEYS = ("images", "visual_features", "image_index", "input_ids", "attention_mask")
 METRICS_FILE = "metrics.json"
 
 
@@ -64,10 +63,10 @@ class SplitPredictor(pl.LightningModule):
     def on_predict_start(self) -> None:
         self._start = time.perf_counter()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
-        answer_ids = self.net(**inputs).logits.argmax(dim=1)
-        self._question_ids.append(batch["question_id"])
+    def predict_step(self, batch: VQABatch, batch_idx: int) -> Tensor:
+        real = batch.num_real_questions  # padding rows (static shapes) come last
+        answer_ids = self.net(**batch.model_inputs()).logits[:real].argmax(dim=1)
+        self._question_ids.append(batch.question_id[:real])
         self._answer_ids.append(answer_ids)
         return answer_ids  # kept by the caller only with return_predictions=True
 

@@ -8,9 +8,11 @@ match the trained model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -20,24 +22,32 @@ import pytorch_lightning as pl
 import torch
 from datasets import Dataset, Features, List, Value
 from filelock import FileLock
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerFast
 
 from vqa.data.answers import AnswerVocab, soft_scores
 from vqa.data.artifacts import artifacts_to_dict, save_artifacts
-from vqa.data.collate import VQACollator
+from vqa.data.batch import VQABatch
+from vqa.data.collate import StaticShapes, VQACollator
 from vqa.data.dataset import VQADataset
 from vqa.data.errors import BadRecordLog, DataError, OnBadRecord
 from vqa.data.features import FeatureStore, FeatureStoreError, split_images
 from vqa.data.images import build_transform
 from vqa.data.loader import ResumableDataLoader
-from vqa.data.samplers import DistributedImageGroupedSampler, ImageGroupedSampler
+from vqa.data.samplers import (
+    DistributedImageGroupedSampler,
+    ImageGroupedSampler,
+    max_images_per_batch,
+)
 from vqa.data.sources import DataSource
 from vqa.data.table import SplitTable, column
 from vqa.data.tokenizer import load_tokenizer
 
+log = logging.getLogger(__name__)
+
 VisualInput = Literal["images", "cached"]
+STATIC_SHAPE_KEYS = ("questions", "images", "tokens")
 ENCODING_VERSION = "1"  # bump when encode_batch changes, to invalidate cached encodings
 ENCODED_FEATURES = Features(
     {
@@ -94,6 +104,15 @@ class VQADataModule(pl.LightningDataModule):
     ``feature_dir/<split>`` (:mod:`vqa.data.features`) instead of decoding them; batches then
     carry ``visual_features`` instead of ``images``. Once a trainer runs it, the model's visual
     encoder is checked against the store (frozen, same stages, channels and weights).
+
+    ``static_shapes`` ({questions: B, images: U, tokens: N}) pads every training batch to those
+    sizes (:class:`~vqa.data.collate.VQACollator`), for CUDA graphs. ``images: null`` takes the
+    most distinct images a batch of ``batch_size`` questions can span on the training split
+    (:func:`~vqa.data.samplers.max_images_per_batch`), ``tokens: null`` the
+    ``max_question_length``; a U below that most raises when the train loader is built, rather
+    than at the batch that exceeds it hours into a run. Evaluation batches stay as long as they
+    are: they run without gradients, must keep every question, and
+    ``torch.compile(dynamic=True)`` or eager serves them.
     """
 
     def __init__(
@@ -122,6 +141,7 @@ class VQADataModule(pl.LightningDataModule):
         seed: int = 0,
         features: VisualInput = "images",
         feature_dir: str | Path | None = None,
+        static_shapes: Mapping[str, int | None] | None = None,
     ) -> None:
         super().__init__()
         BadRecordLog(on_bad_record)  # validates the policy name now, not at setup
@@ -167,6 +187,7 @@ class VQADataModule(pl.LightningDataModule):
         self.feature_dir = None if feature_dir is None else Path(feature_dir)
         self.feature_stores: dict[str, FeatureStore] = {}
         self._train_position: dict[str, int] | None = None  # from a checkpoint, not yet applied
+        self.static_shapes = _static_shapes_config(static_shapes, batch_size, max_question_length)
 
     # ------------------------------------------------------------------ loading
 
@@ -331,30 +352,24 @@ class VQADataModule(pl.LightningDataModule):
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
     ) -> Any:
-        """Move the tensors (and lists of tensors) of a batch dict; leave its string lists alone.
+        """Move a :class:`~vqa.data.batch.VQABatch`'s tensors; its host records stay.
 
-        Lightning's default walks every element of every nested list: the ten human answers of
-        each question made that about 7 ms per batch of 64 on CPU, 6 % of a quick-start step.
+        Lightning's default walks every element of every nested sequence: the ten human answers
+        of each question made that about 7 ms per batch of 64 on CPU, 6 % of a quick-start step.
+        Other batch types (a caller's own loader) get Lightning's default.
         """
-        if not isinstance(batch, dict):
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        non_blocking = device.type == "cuda"
-
-        def move(value: Any) -> Any:
-            if isinstance(value, Tensor):
-                return value.to(device, non_blocking=non_blocking)
-            if isinstance(value, list) and value and isinstance(value[0], Tensor):
-                return [v.to(device, non_blocking=non_blocking) for v in value]
-            return value
-
-        return {key: move(value) for key, value in batch.items()}
+        if isinstance(batch, VQABatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Cached maps travel in the store's dtype (float16: half the copy) and become floats
         on the device, as an encoder's output would be."""
-        if isinstance(batch, dict) and "visual_features" in batch:
+        if isinstance(batch, VQABatch) and batch.visual_features is not None:
             dtype = torch.get_default_dtype()
-            batch["visual_features"] = [f.to(dtype) for f in batch["visual_features"]]
+            return dataclasses.replace(
+                batch, visual_features=tuple(f.to(dtype) for f in batch.visual_features)
+            )
         return batch
 
     # ------------------------------------------------------------------ artifacts and loaders
@@ -375,12 +390,15 @@ class VQADataModule(pl.LightningDataModule):
         """The same, as plain data for a checkpoint (:func:`vqa.data.artifacts.artifacts_from_dict`)."""
         return artifacts_to_dict(*self._ready())
 
-    def _loader(self, split: str | None, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(
+        self, split: str | None, shuffle: bool, batch_size: int, static: bool = False
+    ) -> DataLoader:
         if split is None or split not in self.datasets:
             raise RuntimeError(
                 f"split {split!r} is not set up; call setup() with the matching stage first"
             )
         dataset = self.datasets[split]
+        static_shapes = self.train_static_shapes(split) if static else None
         return ResumableDataLoader(
             dataset,
             seed=self.seed,
@@ -394,8 +412,40 @@ class VQADataModule(pl.LightningDataModule):
                 self.tokenizer.pad_token_id,
                 len(self.answer_vocab),
                 features=self.feature_stores.get(split),
+                static_shapes=static_shapes,
             ),
         )
+
+    def train_static_shapes(self, split: str | None = None) -> StaticShapes | None:
+        """The training batches' static shapes (None without ``static_shapes``), with
+        ``images: null`` resolved and a too small U refused, both from ``split``'s images."""
+        if self.static_shapes is None:
+            return None
+        split = split or self.train_split
+        if split not in self.tables:
+            raise RuntimeError(f"split {split!r} is not set up; call setup('fit') first")
+        needed = max_images_per_batch(
+            column(self.table(split).table, "image_id"), self.batch_size, self.group_by_image
+        )
+        images = self.static_shapes["images"]
+        if images is None:
+            images = needed
+        elif images < needed:
+            raise ValueError(
+                f"data.static_shapes.images={images} is too small: a batch of "
+                f"data.batch_size={self.batch_size} questions can ask about up to {needed} "
+                f"distinct images of split {split!r} (its images with the fewest questions, "
+                f"one after another); set data.static_shapes.images to at least {needed}, or "
+                "null for exactly that"
+            )
+        shapes = StaticShapes(self.static_shapes["questions"], images, self.static_shapes["tokens"])
+        log.info(
+            "static batch shapes: %d questions, %d images, %d tokens",
+            shapes.questions,
+            shapes.images,
+            shapes.tokens,
+        )
+        return shapes
 
     def _sampler(self, dataset: VQADataset, shuffle: bool) -> Sampler[int] | None:
         """Image-grouped order. Under DDP each rank gets whole images (for evaluation too:
@@ -422,7 +472,9 @@ class VQADataModule(pl.LightningDataModule):
         return ImageGroupedSampler(image_ids, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader(self.train_split, shuffle=True, batch_size=self.batch_size)
+        loader = self._loader(
+            self.train_split, shuffle=True, batch_size=self.batch_size, static=True
+        )
         if self._train_position is not None:
             loader.load_state_dict(self._train_position)
             self._train_position = None
@@ -452,3 +504,38 @@ class VQADataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+def _static_shapes_config(
+    config: Mapping[str, int | None] | None, batch_size: int, max_question_length: int
+) -> dict[str, int | None] | None:
+    """``data.static_shapes`` checked against the batch size and question length, ``tokens``
+    resolved (``images`` needs the data: :meth:`VQADataModule.train_static_shapes`)."""
+    if config is None:
+        return None
+    if not isinstance(config, Mapping) or set(config) - set(STATIC_SHAPE_KEYS):
+        raise ValueError(
+            f"data.static_shapes must be null or a mapping with keys {list(STATIC_SHAPE_KEYS)}, "
+            f"got {config!r}"
+        )
+    shapes = {key: config.get(key) for key in STATIC_SHAPE_KEYS}
+    if shapes["questions"] is None:
+        raise ValueError("data.static_shapes.questions is required (usually data.batch_size)")
+    if shapes["tokens"] is None:
+        shapes["tokens"] = max_question_length
+    StaticShapes(shapes["questions"], shapes["images"] or 1, shapes["tokens"])  # types, >= 1
+    if shapes["images"] is not None and shapes["images"] < 1:
+        raise ValueError(f"data.static_shapes.images must be >= 1, got {shapes['images']}")
+    if shapes["questions"] < batch_size:
+        raise ValueError(
+            f"data.static_shapes.questions={shapes['questions']} is below "
+            f"data.batch_size={batch_size}: a batch would not fit; set it to at least "
+            f"{batch_size}"
+        )
+    if shapes["tokens"] < max_question_length:
+        raise ValueError(
+            f"data.static_shapes.tokens={shapes['tokens']} is below "
+            f"data.max_question_length={max_question_length}, the length questions are "
+            f"truncated to: set it to at least {max_question_length}, or null for exactly that"
+        )
+    return shapes

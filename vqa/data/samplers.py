@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -38,6 +38,29 @@ def _shuffled(groups: list[list[int]], seed: int, epoch: int) -> list[list[int]]
         [groups[g][i] for i in torch.randperm(len(groups[g]), generator=generator).tolist()]
         for g in order
     ]
+
+
+def max_images_per_batch(image_ids: Sequence[int], batch_size: int, grouped: bool = True) -> int:
+    """The most distinct images ``batch_size`` consecutive questions can ask about, over every
+    order the samplers here can produce (any seed, epoch, rank or resume point).
+
+    Batches are consecutive runs of the sampler's order (the loader cuts it every
+    ``batch_size`` questions, and a resume starts on such a cut). With ``grouped`` an image's
+    questions are contiguous, so a run touching k images holds k - 2 of them whole, between a
+    partial first and last: at most 2 + (the most of the smallest images whose questions fit
+    in ``batch_size - 2``). A DDP rank's padding repeats whole images of its own, which keeps
+    the bound. Without grouping any question may follow any other.
+    """
+    sizes = sorted(Counter(int(i) for i in image_ids).values())
+    if not grouped or batch_size <= 2:
+        return min(batch_size, len(sizes))
+    room, whole = batch_size - 2, 0
+    for size in sizes[:-2]:  # the first and the last image are partial, and distinct
+        if size > room:
+            break
+        room -= size
+        whole += 1
+    return min(2 + whole, len(sizes))
 
 
 class ImageGroupedSampler(Sampler[int]):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vqa.models.fusion.base import FusionBlock
+from vqa.models.norms import padding_rows
 
 # Same scale as BERT's embedding init: a null input starts as an ordinary, small feature.
 NULL_INIT_STD = 0.02
@@ -72,17 +73,22 @@ class VQAModel(nn.Module):
         image_index: Tensor | None = None,
         drop_image: Tensor | None = None,
         drop_question: Tensor | None = None,
+        question_valid: Tensor | None = None,
+        image_valid: Tensor | None = None,
     ) -> VQAOutput:
         """Exactly one of ``images`` / ``visual_features``; ``drop_*`` are [B] bool masks.
 
         ``image_index`` [B] maps each question to its row of ``images``/``visual_features``
         when a batch carries each distinct image once (None: one image per question).
+        ``question_valid`` [B] / ``image_valid`` [U] bool mark the real rows of a static-shape
+        batch: batch norms in train mode then ignore the padding rows (``vqa.models.norms``).
         """
         if (images is None) == (visual_features is None):
             raise ValueError("pass exactly one of images or visual_features")
         if input_ids is None or attention_mask is None:
             raise ValueError("input_ids and attention_mask are required")
-        visual = self.encode_image(images) if visual_features is None else list(visual_features)
+        with padding_rows(image_valid):
+            visual = self.encode_image(images) if visual_features is None else list(visual_features)
         if [stage.shape[1] for stage in visual] != self.visual_channels:
             raise ValueError(
                 f"visual stages have {[stage.shape[1] for stage in visual]} channels, the model "
@@ -94,6 +100,8 @@ class VQAModel(nn.Module):
             if image_index is None:
                 image_index = torch.arange(null_row, device=drop_image.device)
             image_index = torch.where(drop_image, null_row, image_index)
+            if image_valid is not None:
+                image_valid = torch.cat([image_valid, image_valid.new_ones(1)])
             visual = [
                 torch.cat(
                     [
@@ -107,10 +115,12 @@ class VQAModel(nn.Module):
                 for stage in visual
             ]
         # Per distinct image first, then repeated per question (FusionBlock.prepare_visual).
-        prepared = self.fusion.prepare_visual(visual)
+        with padding_rows(image_valid):
+            prepared = self.fusion.prepare_visual(visual)
         if image_index is not None:
             prepared = [part.index_select(0, image_index) for part in prepared]
-        text = self.text(input_ids, attention_mask)
+        with padding_rows(question_valid):
+            text = self.text(input_ids, attention_mask)
         mask = attention_mask.bool()
 
         if drop_question is not None:
@@ -120,5 +130,7 @@ class VQAModel(nn.Module):
             first_only = torch.arange(mask.shape[1], device=mask.device) == 0
             mask = torch.where(drop_question.unsqueeze(1), first_only, mask)
 
-        fused = self.fusion.fuse(prepared, text, mask)
-        return VQAOutput(logits=self.head(fused.features), attention=fused.attention)
+        with padding_rows(question_valid):
+            fused = self.fusion.fuse(prepared, text, mask)
+            logits = self.head(fused.features)
+        return VQAOutput(logits=logits, attention=fused.attention)
