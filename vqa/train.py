@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 
 from vqa.callbacks import Preempted
 from vqa.config_schema import register_schemas
+from vqa.models.compilation import compile_network
 from vqa.utils import (
     apply_extras,
     drop_logger_only_callbacks,
@@ -46,6 +47,7 @@ def build_components(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightn
         num_answers=len(datamodule.answer_vocab),
         vocab_size=len(datamodule.tokenizer),
     )
+    compile_network(net, cfg.get("compile"), cfg.data.get("static_shapes"))
     module = instantiate(cfg.module)(
         net=net,
         answer_vocab=list(datamodule.answer_vocab.answers),
