@@ -1,10 +1,12 @@
 """Benchmarks (`make bench`): training throughput and memory per fusion block, Lightning overhead,
-input pipeline vs model, fusion scaling with grid and question length, and a GPU end-to-end mode.
+input pipeline vs model, fusion scaling with grid and question length, a GPU mode that exposes the
+step's fixed cost, and the kernels and host syncs of one training step.
 
     python scripts/benchmark.py                      # everything, quick-start sizes (< 10 min, 2 CPUs)
     python scripts/benchmark.py --sections overhead pipeline --repeats 7
     python scripts/benchmark.py --quick              # tiny sizes (what the tests run)
-    python scripts/benchmark.py --sections gpu --compile   # on a CUDA machine
+    python scripts/benchmark.py --sections gpu       # on a CUDA machine (scripts/gpu_check.sh)
+    python scripts/benchmark.py --sections gpu --gpu-rows sweep graphs
 
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (default ``logs/bench``) and prints the
 markdown. Sections (``--sections``, by name or number):
@@ -16,9 +18,18 @@ markdown. Sections (``--sections``, by name or number):
 3. ``pipeline``: data-loader samples/s (quick-start ``num_workers``) vs the training step's rate.
 4. ``scaling``: fusion blocks alone (ResNet-101 layer3/layer4 channels, 768-d text) as the grid and
    the question grow, dense vs ``top_k`` sparse attention (folds the former model_stats.py).
-5. ``gpu``: ResNet-101 @ 448 px + bert-base (random init), bf16-mixed, channels_last, optional
-   ``torch.compile``: samples/s and model-FLOPs utilisation; skipped without CUDA (``--gpu-smoke``
-   runs the same code on CPU at tiny size).
+5. ``gpu``: ResNet-101 @ 448 px + bert-base (random init), bf16-mixed, channels_last, rows chosen
+   with ``--gpu-rows``: ``sweep`` (4 / 32 / 128 images of one question per step: the intercept of
+   step time over images is the step's fixed cost), ``grouped`` (32 images x 5 questions, as VQA
+   v2's 5.4), ``optimizer`` (AdamW foreach vs fused), ``lightning`` (Trainer vs bare loop),
+   ``anchor`` (torchvision ResNet-101 alone, fused AdamW), ``e2e`` (``train.py
+   experiment=vqav2_resnet101_bert`` on the synthetic set at 448 px, questions/s from step
+   timestamps), ``graphs`` (eager vs ``torch.compile(mode="reduce-overhead")``, i.e. CUDA graphs),
+   each with model-FLOPs utilisation. Without CUDA every row is recorded as skipped with its
+   reason; ``--gpu-smoke`` runs the same code on CPU at tiny sizes (graphs still skipped there).
+6. ``ops``: per fusion block, the aten ops (a proxy for kernel launches) and host syncs of one
+   training step, bare loop and Lightning (``vqa.utils.op_counter``), with the most frequent ops.
+   Device-independent, so it runs on a CPU too.
 
 Timings use ``--threads`` torch threads in every process (default 1: reproducible on a shared
 machine; ``--threads 2`` on a quiet 2-core one). The header reports how much CPU other processes
@@ -34,18 +45,18 @@ import functools
 import gc
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +68,8 @@ if str(ROOT) not in sys.path:  # `scripts.extract_features` when run as `python 
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -67,7 +80,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_f
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
 
+from vqa.data.batch import VQABatch  # noqa: E402
 from vqa.lit_module import VQALitModule  # noqa: E402
+from vqa.metrics import ANSWER_TYPES  # noqa: E402
 from vqa.train import build_components  # noqa: E402
 from vqa.utils import (  # noqa: E402
     drop_logger_only_callbacks,
@@ -75,6 +90,7 @@ from vqa.utils import (  # noqa: E402
     instantiate_loggers,
     set_project_root,
 )
+from vqa.utils.op_counter import StepOps, count_ops  # noqa: E402
 from vqa.utils.project import (  # noqa: E402
     CONFIG_DIR,
     TINY_DATA_OVERRIDES,
@@ -85,7 +101,8 @@ from vqa.utils.project import (  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
-SECTIONS = ("fusions", "overhead", "pipeline", "scaling", "gpu")
+SECTIONS = ("fusions", "overhead", "pipeline", "scaling", "gpu", "ops")
+GPU_ROWS = ("sweep", "grouped", "optimizer", "lightning", "anchor", "e2e", "graphs")
 # Peak dense bf16 tensor-core FLOP/s by device name (first substring match wins; NVIDIA specs).
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),
@@ -142,13 +159,22 @@ class Sizes:
             "trainer=gpu",
         ]
     )
-    gpu_batch: int = 32
-    gpu_questions_per_image: int = 1
+    gpu_batch: int = 32  # images (one question each) of the optimizer/lightning/anchor/graphs rows
+    gpu_sweep: tuple[int, ...] = (4, 32, 128)  # images per step, one question each
+    gpu_grouped: tuple[int, int] = (32, 5)  # images, questions per image (VQA v2 has 5.4)
     gpu_length: int = 14
     gpu_vocab: int = 30522  # bert-base-uncased
     gpu_answers: int = 3129  # VQA v2
     gpu_warmup: int = 5
     gpu_steps: int = 20
+    # cudagraph trees run a compiled graph eagerly once, record it on the next call and replay
+    # from then on: these untimed steps come on top of gpu_warmup.
+    graphs_warmup: int = 3
+    e2e_overrides: list[str] = field(default_factory=lambda: list(E2E_RECIPE))
+    e2e_seconds: float = 60.0  # trainer.max_time of the train.py run
+    e2e_steps: int = -1  # trainer.max_steps (-1: the time decides)
+    e2e_warmup: int = 20  # steps left out of the rate (cuDNN's first calls, the workers' start)
+    ops_first: int = 1  # the counted step: step 0 creates the optimizer state
 
 
 # The quick-start reads its frozen encoder's maps from the feature cache; the benchmark's base is
@@ -162,6 +188,18 @@ TINY = [
     *TINY_DATA_OVERRIDES,
     "callbacks.rich_progress_bar=null",
     "callbacks.rich_model_summary=null",
+]
+# The VQA v2 recipe as train.py runs it, with offline stand-ins of the same shapes: the synthetic
+# set (VQA v2 layout) at the recipe's 448 px and random weights, as nothing can be downloaded on
+# the GPU machine. The CSV logger alone: TensorBoard may be missing where the recipe is timed.
+E2E_RECIPE = [
+    "experiment=vqav2_resnet101_bert",
+    "data=shapes",
+    "data.image_size=448",
+    "data.pin_memory=true",  # what data=vqav2 sets
+    "model.visual.weights=null",
+    "model/text=bert_base_random",
+    "logger=csv",
 ]
 
 
@@ -185,19 +223,45 @@ def make_sizes(quick: bool) -> Sizes:
         scale_warmup=0,
         gpu_overrides=[
             *TINY_MODEL_OVERRIDES,
+            "model.visual.stages=[layer1]",  # the stem and layer1 only: the rows take seconds
             "data.image_size=32",
             "model.visual.channels_last=true",
             "trainer=gpu",
             "trainer.accelerator=cpu",
         ],
         gpu_batch=4,
-        gpu_questions_per_image=2,
+        gpu_sweep=(2, 4, 8),
+        gpu_grouped=(2, 2),
         gpu_length=6,
         gpu_vocab=100,
         gpu_answers=16,
         gpu_warmup=1,
         gpu_steps=2,
+        graphs_warmup=1,
+        e2e_overrides=list(TINY),
+        e2e_seconds=120.0,
+        e2e_steps=6,
+        e2e_warmup=2,
     )
+
+
+# What --gpu-smoke takes from the quick sizes when there is no CUDA.
+GPU_SIZE_FIELDS = (
+    "gpu_overrides",
+    "gpu_batch",
+    "gpu_sweep",
+    "gpu_grouped",
+    "gpu_length",
+    "gpu_vocab",
+    "gpu_answers",
+    "gpu_warmup",
+    "gpu_steps",
+    "graphs_warmup",
+    "e2e_overrides",
+    "e2e_seconds",
+    "e2e_steps",
+    "e2e_warmup",
+)
 
 
 # ------------------------------------------------------------------------------- config
@@ -266,13 +330,15 @@ def identity(batch: Any) -> Any:
     return batch
 
 
-def in_memory_loader(batches: Sequence[dict[str, Any]]) -> DataLoader:
+def in_memory_loader(batches: Sequence[VQABatch]) -> DataLoader:
     """Prepared batches served as they are (both loops draw the same one RNG value when they
     create its iterator, so their random streams stay aligned)."""
     return DataLoader(list(batches), batch_size=None, collate_fn=identity)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, VQABatch):
+        return batch.to(device)
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -282,10 +348,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def collect_batches(datamodule: pl.LightningDataModule, count: int) -> list[dict[str, Any]]:
+def collect_batches(datamodule: pl.LightningDataModule, count: int) -> list[VQABatch]:
     """The first ``count`` training batches (epochs repeat when the split is smaller), with the
     datamodule's after-transfer cast applied (cached float16 maps -> float32)."""
-    batches: list[dict[str, Any]] = []
+    batches: list[VQABatch] = []
     while len(batches) < count:
         for batch in datamodule.train_dataloader():
             batches.append(datamodule.on_after_batch_transfer(batch, 0))
@@ -294,8 +360,8 @@ def collect_batches(datamodule: pl.LightningDataModule, count: int) -> list[dict
     return batches
 
 
-def num_samples(batch: dict[str, Any]) -> int:
-    return int(batch["input_ids"].shape[0])
+def num_samples(batch: VQABatch) -> int:
+    return batch.num_questions
 
 
 def synchronize(device: torch.device) -> None:
@@ -322,11 +388,14 @@ def autocast_context(
 
 
 def configure_optimization(
-    module: VQALitModule, total_steps: int
+    module: VQALitModule, total_steps: int, optimizer_kwargs: dict[str, Any] | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """What ``VQALitModule.configure_optimizers`` builds, for a run of ``total_steps`` steps:
-    AdamW over the module's parameter groups (LR scaled per group), cosine with warm-up."""
-    optimizer = module.optimizer_factory(params=module.parameter_groups())
+    AdamW over the module's parameter groups (LR scaled per group), cosine with warm-up.
+    ``optimizer_kwargs`` go to the configured optimizer (``fused=True``, ``foreach=True``)."""
+    optimizer = module.optimizer_factory(
+        params=module.parameter_groups(), **(optimizer_kwargs or {})
+    )
     for group in optimizer.param_groups:
         group["lr"] *= group["lr_scale"]
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -354,23 +423,31 @@ class BareLoop:
         clip_val: float | None,
         precision: str | int,
         device: torch.device,
+        optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.module, self.device, self.precision = module, device, precision
         self.clip_val = clip_val
-        self.optimizer, self.scheduler = configure_optimization(module, total_steps)
+        self.optimizer, self.scheduler = configure_optimization(
+            module, total_steps, optimizer_kwargs
+        )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         half = str(precision) == "16-mixed" and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if half else None
 
-    def forward_backward(self, batch: dict[str, Any]) -> Tensor:
+    def forward(self, batch: VQABatch) -> Tensor:
         module = self.module
         with autocast_context(self.precision, self.device):
-            drop = module.sample_modality_dropout(batch["input_ids"].shape[0])
+            drop = module.sample_modality_dropout(batch.num_questions)
             out = module(batch, **drop)
-            loss = module.compute_loss(out.logits, batch["targets"])
+            return module.compute_loss(out.logits, batch.targets)
+
+    def backward(self, loss: Tensor) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         return loss.detach()
+
+    def forward_backward(self, batch: VQABatch) -> Tensor:
+        return self.backward(self.forward(batch))
 
     def optimizer_step(self) -> None:
         if self.scaler is not None:
@@ -384,7 +461,7 @@ class BareLoop:
             self.optimizer.step()
         self.scheduler.step()
 
-    def step(self, batch: dict[str, Any]) -> Tensor:
+    def step(self, batch: VQABatch) -> Tensor:
         loss = self.forward_backward(batch)
         self.optimizer_step()
         return loss
@@ -392,7 +469,7 @@ class BareLoop:
 
 def bare_fit(
     module: VQALitModule,
-    batches: Sequence[dict[str, Any]],
+    batches: Sequence[VQABatch],
     *,
     clip_val: float | None,
     precision: str | int,
@@ -417,40 +494,49 @@ def bare_fit(
 
 
 class StepTimer(pl.Callback):
-    """Start time of every training batch (after Lightning fetched and transferred it)."""
+    """Start time of every training batch (after Lightning fetched and transferred it).
 
-    def __init__(self) -> None:
+    ``sync_at``: the batch indices before which the device is synchronised (None: all). A sync
+    at every batch keeps the host from queueing the next step while the device runs this one,
+    so a GPU rate is taken with syncs at the two ends of its window only.
+    """
+
+    def __init__(self, sync_at: Collection[int] | None = None) -> None:
         self.starts: list[float] = []
+        self.sync_at = sync_at
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int
     ) -> None:
-        synchronize(pl_module.device)
+        if self.sync_at is None or len(self.starts) in self.sync_at:
+            synchronize(pl_module.device)
         self.starts.append(time.perf_counter())
 
 
 def lightning_fit(
     cfg: DictConfig,
     module: VQALitModule,
-    batches: Sequence[dict[str, Any]],
+    batches: Sequence[VQABatch],
     workdir: Path,
     *,
     user_callbacks: bool = True,
+    extra_callbacks: Sequence[pl.Callback] = (),
+    sync_at: Collection[int] | None = None,
 ) -> tuple[list[float], pl.Trainer]:
     """``trainer.fit`` on exactly ``batches``, built from the project's trainer config.
 
     ``user_callbacks``: the run's callbacks and logger as configured (checkpointing, LR monitor,
     progress bar, model summary, CSV logger); otherwise none of them. Always: no validation
     (``limit_val_batches=0``, no sanity check) and ``max_steps=len(batches)``, because the bare
-    loop neither validates nor runs past the batches.
+    loop neither validates nor runs past the batches. ``extra_callbacks`` are added either way.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(workdir)
-    timer = StepTimer()
+    timer = StepTimer(sync_at)
     loggers = instantiate_loggers(cfg.get("logger")) if user_callbacks else []
     configured = instantiate_callbacks(cfg.get("callbacks")) if user_callbacks else []
-    callbacks = [*drop_logger_only_callbacks(configured, loggers), timer]
+    callbacks = [*drop_logger_only_callbacks(configured, loggers), timer, *extra_callbacks]
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -472,7 +558,7 @@ def lightning_fit(
     return timer.starts, trainer
 
 
-def steady_rate(starts: Sequence[float], batches: Sequence[dict[str, Any]], warmup: int) -> dict:
+def steady_rate(starts: Sequence[float], batches: Sequence[VQABatch], warmup: int) -> dict:
     """Samples/s from the start of batch ``warmup`` to the start of the last batch.
 
     Start-to-start periods hold everything a loop does per step (fetch, transfer, hooks,
@@ -649,10 +735,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         synchronize(device)
         seconds = time.perf_counter() - begin
         samples = sum(num_samples(b) for b in batches[warmup:])
-        images = sum(
-            int((b.get("images") if "images" in b else b["visual_features"][0]).shape[0])
-            for b in batches[warmup:]
-        )
+        images = sum(b.num_images for b in batches[warmup:])
         result: dict[str, Any] = {
             "samples_per_s": samples / seconds,
             "images_per_s": images / seconds,
@@ -1034,13 +1117,19 @@ def peak_flops(device: torch.device) -> tuple[str, float | None]:
 
 
 def synthetic_batches(
-    sizes: Sizes, image_size: int, device: torch.device, channels_last: bool, count: int = 2
-) -> list[dict[str, Any]]:
-    """Random in-memory VQA batches of the real shapes: the GPU figures then measure the model,
-    not JPEG decoding on this machine's CPUs (the pipeline section measures that)."""
+    sizes: Sizes,
+    images: int,
+    per_image: int,
+    image_size: int,
+    device: torch.device,
+    channels_last: bool,
+    count: int = 2,
+) -> list[VQABatch]:
+    """Random in-memory VQA batches of the real shapes, ``images`` distinct images with
+    ``per_image`` questions each (image-grouped, as the collator makes them): the GPU figures then
+    measure the model, not JPEG decoding on this machine's CPUs (the e2e row measures that)."""
     gen = torch.Generator().manual_seed(0)
-    b, per_image, n = sizes.gpu_batch, sizes.gpu_questions_per_image, sizes.gpu_length
-    images = math.ceil(b / per_image)
+    b, n = images * per_image, sizes.gpu_length
     batches = []
     for _ in range(count):
         pixels = torch.randn(images, 3, image_size, image_size, generator=gen)
@@ -1052,116 +1141,828 @@ def synthetic_batches(
         input_ids = torch.randint(low, sizes.gpu_vocab, (b, n), generator=gen) * mask
         targets = torch.zeros(b, sizes.gpu_answers)
         targets[torch.arange(b), torch.randint(0, sizes.gpu_answers, (b,), generator=gen)] = 1.0
-        batch = {
-            "images": pixels,
-            "image_index": torch.arange(b) // per_image,
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "targets": targets,
-            "question_id": torch.arange(b),
-            "answers": [["a0"] * 10 for _ in range(b)],
-            "answer_type": ["other"] * b,
-            "question_type": ["what"] * b,
-        }
+        batch = VQABatch(
+            images=pixels,
+            image_index=torch.arange(b) // per_image,
+            input_ids=input_ids,
+            attention_mask=mask,
+            targets=targets,
+            question_id=torch.arange(b),
+            image_id=torch.arange(b) // per_image,
+            answer_type_id=torch.full((b,), ANSWER_TYPES.index("other")),
+            question=("what is it",) * b,
+            answers=(("a0",) * 10,) * b,
+            answer_type=("other",) * b,
+            question_type=("what",) * b,
+        )
         batches.append(to_device(batch, device))
     return batches
 
 
-def section_gpu(ctx: Context) -> dict[str, Any]:
-    """ResNet-101 @ 448 + bert-base (random init) end to end, bare loop and Lightning."""
-    smoke = ctx.gpu_smoke
-    if ctx.device.type != "cuda" and not smoke:
-        return {"skipped": "no CUDA"}
-    device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
-    sizes = ctx.sizes
-    fusion = ctx.gpu_fusion
-    overrides = [*sizes.gpu_overrides, f"fusion={fusion}"]
-    if device.type == "cuda":
-        overrides.append("trainer.accelerator=gpu")
-    cfg = compose_config(overrides, ctx.workdir / "gpu")
-    pl.seed_everything(cfg.seed, verbose=False)
-    net = instantiate(cfg.model, num_answers=sizes.gpu_answers, vocab_size=sizes.gpu_vocab)
-    module = instantiate(cfg.module)(
-        net=net,
-        answer_vocab=[f"a{i}" for i in range(sizes.gpu_answers)],
-        question_types=["what"],
-    )
-    module.to(device).train()
-    precision = str(cfg.trainer.precision)
-    image_size = int(cfg.data.image_size)
-    channels_last = bool(cfg.model.visual.channels_last)
-    batches = synthetic_batches(sizes, image_size, device, channels_last)
-    total = sizes.gpu_warmup + sizes.gpu_steps
-    loop = BareLoop(module, total + 2, cfg.trainer.gradient_clip_val, precision, device)
-    # Counted once, eagerly (FlopCounterMode does not see inside compiled graphs).
-    flops = count_flops(functools.partial(loop.forward_backward, batches[0]))
-    loop.optimizer.zero_grad(set_to_none=True)
-    if ctx.compile:
-        module.net.compile()
-    device_name, peak = peak_flops(device)
-
-    def summary(samples_per_s: float, steps_per_s: float, memory: float | None) -> dict:
-        return {
-            "samples_per_s": samples_per_s,
-            "step_ms": 1000 / steps_per_s,
-            "achieved_tflops": flops * steps_per_s / 1e12,
-            "mfu": None if peak is None else flops * steps_per_s / peak,
-            "peak_memory_mib": memory,
-        }
-
-    # bare loop
-    for i in range(sizes.gpu_warmup):
-        loop.step(batches[i % len(batches)])
+def time_steps(
+    step: Callable[[int], Any], warmup: int, steps: int, device: torch.device
+) -> tuple[float, float | None]:
+    """Seconds per step over ``steps`` calls after ``warmup`` untimed ones, and on CUDA the peak
+    allocated MiB. The device is synchronised at the two ends only: within the window the host
+    queues ahead as a training loop does."""
+    for i in range(warmup):
+        step(i)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     begin = time.perf_counter()
-    for i in range(sizes.gpu_steps):
-        loop.step(batches[i % len(batches)])
+    for i in range(warmup, warmup + steps):
+        step(i)
     synchronize(device)
-    seconds = time.perf_counter() - begin
-    if device.type == "cuda":
-        memory = mib(torch.cuda.max_memory_allocated(device))
-    elif ctx.compile:  # a dispatch mode does not see into compiled graphs
-        memory = None
-    else:  # the CPU smoke run: the tracker of the fusions section
-        with TensorMemoryTracker(state_tensors(module, loop.optimizer, batches[0])) as tracker:
-            loop.step(batches[0])
-        memory = mib(tracker.peak)
-    bare = summary(sizes.gpu_batch * sizes.gpu_steps / seconds, sizes.gpu_steps / seconds, memory)
-    del loop
-    gc.collect()
-
-    # the Lightning module under the project's GPU trainer config (callbacks/logger off)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    stream = [batches[i % len(batches)] for i in range(total + 1)]
-    starts, _ = lightning_fit(
-        cfg, module, stream, ctx.workdir / "gpu/lightning", user_callbacks=False
-    )
-    rate = steady_rate(starts, stream, sizes.gpu_warmup)
+    seconds = (time.perf_counter() - begin) / steps
     memory = mib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-    lightning = summary(rate["samples_per_s"], rate["steps"] / rate["seconds"], memory)
+    return seconds, memory
+
+
+def rate_row(
+    kind: str,
+    label: str,
+    *,
+    images: float,
+    questions: float | None,
+    seconds: float,
+    flops: int | None,
+    peak: float | None,
+    memory: float | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One timed row of the gpu section: per-step sizes, rates, achieved FLOP/s and MFU."""
+    flops_per_s = None if flops is None else flops / seconds
     return {
-        "smoke": smoke,
-        "device": device_name,
-        "peak_bf16_flops": peak,
-        "config": " ".join(overrides),
-        "precision": precision,
-        "channels_last": channels_last,
-        "compile": ctx.compile,
-        "image_size": image_size,
-        "batch_questions": sizes.gpu_batch,
-        "batch_images": math.ceil(sizes.gpu_batch / sizes.gpu_questions_per_image),
-        "question_tokens": sizes.gpu_length,
+        "row": kind,
+        "label": label,
+        "images": images,
+        "questions": questions,
+        "step_ms": 1000 * seconds,
+        "questions_per_s": None if questions is None else questions / seconds,
+        "images_per_s": images / seconds,
         "flops_per_step": flops,
+        "achieved_tflops": None if flops_per_s is None else flops_per_s / 1e12,
+        "mfu": None if flops_per_s is None or peak is None else flops_per_s / peak,
+        "peak_memory_mib": memory,
+        **extra,
+    }
+
+
+def optimizer_label(optimizer: torch.optim.Optimizer) -> str:
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
+        impl = "fused"
+    elif group.get("foreach") is not None:
+        impl = "foreach" if group["foreach"] else "for-loop"
+    else:  # torch's default: foreach when every parameter is on CUDA
+        on_cuda = all(p.is_cuda for g in optimizer.param_groups for p in g["params"])
+        impl = f"default = {'foreach' if on_cuda else 'for-loop'}"
+    return f"{type(optimizer).__name__} ({impl})"
+
+
+GPU_ROW_TITLES = {
+    "sweep": "bare step, N images x 1 question",
+    "grouped": "bare step, image-grouped questions",
+    "optimizer": "bare step, AdamW foreach vs fused",
+    "lightning": "Lightning Trainer vs bare loop",
+    "anchor": "torchvision ResNet alone",
+    "e2e": "train.py end to end",
+    "graphs": "eager vs torch.compile(mode='reduce-overhead')",
+}
+GRAPHS_NOTE = (
+    "torch.compile(mode='reduce-overhead') of the network (forward and backward captured as CUDA "
+    "graphs by cudagraph trees; loss and optimizer eager, both rows AdamW fused). "
+    "torch.cuda.graphs (make_graphed_callables, or capturing the whole step with a capturable "
+    "optimizer) is the alternative without a compiler; it needs static shapes and no host syncs "
+    "in what it captures"
+)
+
+
+class GpuBench:
+    """What the gpu section's rows share: one model on the device (built on first use: the e2e
+    row alone needs none), its config, batches and the FLOP count of each batch shape."""
+
+    def __init__(self, ctx: Context, device: torch.device, overrides: list[str]) -> None:
+        self.ctx, self.sizes, self.device = ctx, ctx.sizes, device
+        self.cfg = compose_config(overrides, ctx.workdir / "gpu")
+        self.precision = str(self.cfg.trainer.precision)
+        self.image_size = int(self.cfg.data.image_size)
+        self.channels_last = bool(self.cfg.model.visual.channels_last)
+        self.device_name, self.peak = peak_flops(device)
+        self._module: VQALitModule | None = None
+        self._batches: dict[tuple[int, int], list[VQABatch]] = {}
+        self.flops: dict[tuple[int, int], int] = {}
+
+    @property
+    def module(self) -> VQALitModule:
+        if self._module is None:
+            sizes = self.sizes
+            pl.seed_everything(self.cfg.seed, verbose=False)
+            net = instantiate(
+                self.cfg.model, num_answers=sizes.gpu_answers, vocab_size=sizes.gpu_vocab
+            )
+            self._module = instantiate(self.cfg.module)(
+                net=net,
+                answer_vocab=[f"a{i}" for i in range(sizes.gpu_answers)],
+                question_types=["what"],
+            )
+        return self._module
+
+    def batches(self, images: int, per_image: int) -> list[VQABatch]:
+        key = (images, per_image)
+        if key not in self._batches:
+            self._batches[key] = synthetic_batches(
+                self.sizes, images, per_image, self.image_size, self.device, self.channels_last
+            )
+        return self._batches[key]
+
+    def loop(self, optimizer_kwargs: dict[str, Any] | None = None) -> BareLoop:
+        # A Lightning fit's teardown leaves the module on the CPU: every row moves it back.
+        self.module.to(self.device).train()
+        sizes = self.sizes
+        total = sizes.gpu_warmup + sizes.graphs_warmup + sizes.gpu_steps + 2
+        return BareLoop(
+            self.module,
+            total,
+            self.cfg.trainer.gradient_clip_val,
+            self.precision,
+            self.device,
+            optimizer_kwargs,
+        )
+
+    def flops_of(self, images: int, per_image: int) -> int:
+        """Counted once per batch shape, eagerly (FlopCounterMode does not see inside compiled
+        graphs, and the optimizer is not counted)."""
+        key = (images, per_image)
+        if key not in self.flops:
+            loop = self.loop()
+            self.flops[key] = count_flops(
+                functools.partial(loop.forward_backward, self.batches(images, per_image)[0])
+            )
+            self.release(loop)
+        return self.flops[key]
+
+    def release(self, *objects: Any) -> None:
+        """Gradients and optimizer state of one row must not count in the next row's memory."""
+        del objects
+        if self._module is not None:
+            self._module.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def bare_row(
+        self,
+        kind: str,
+        images: int,
+        per_image: int,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        count_step_ops: bool = False,
+    ) -> dict[str, Any]:
+        """Bare training steps on synthetic batches of ``images`` x ``per_image`` questions."""
+        sizes = self.sizes
+        flops = self.flops_of(images, per_image)
+        loop = self.loop(optimizer_kwargs)
+        batches = self.batches(images, per_image)
+        seconds, memory = time_steps(
+            lambda i: loop.step(batches[i % len(batches)]),
+            sizes.gpu_warmup,
+            sizes.gpu_steps,
+            self.device,
+        )
+        optimizer = optimizer_label(loop.optimizer)
+        extra: dict[str, Any] = {"loop": "bare", "optimizer": optimizer}
+        if count_step_ops:  # one more step, under the op counter (after the timed ones)
+            extra["ops"] = ops_summary(count_bare_step(loop, batches[0]))
+        self.release(loop)
+        return rate_row(
+            kind,
+            f"{images} images x {per_image} question{'s' if per_image > 1 else ''}, {optimizer}",
+            images=images,
+            questions=images * per_image,
+            seconds=seconds,
+            flops=flops,
+            peak=self.peak,
+            memory=memory,
+            **extra,
+        )
+
+    def lightning_row(self) -> dict[str, Any]:
+        """The module under the project's GPU trainer config (callbacks, logger and progress bar
+        off), on the same synthetic batches as the bare rows."""
+        sizes, n = self.sizes, self.sizes.gpu_batch
+        flops = self.flops_of(n, 1)
+        batches = self.batches(n, 1)
+        stream = [batches[i % len(batches)] for i in range(sizes.gpu_warmup + sizes.gpu_steps + 1)]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        cfg = copy.deepcopy(self.cfg)
+        starts, _ = lightning_fit(
+            cfg,
+            self.module,
+            stream,
+            self.ctx.workdir / "gpu/lightning",
+            user_callbacks=False,
+            sync_at={sizes.gpu_warmup, len(stream) - 1},
+        )
+        rate = steady_rate(starts, stream, sizes.gpu_warmup)
+        memory = (
+            mib(torch.cuda.max_memory_allocated(self.device))
+            if self.device.type == "cuda"
+            else None
+        )
+        self.release()
+        return rate_row(
+            "lightning",
+            f"{n} images x 1 question, Lightning Trainer (configured optimizer)",
+            images=n,
+            questions=n,
+            seconds=rate["seconds"] / rate["steps"],
+            flops=flops,
+            peak=self.peak,
+            memory=memory,
+            loop="lightning",
+        )
+
+    def anchor_row(self) -> dict[str, Any]:
+        """torchvision's ResNet of the model's depth alone, trained as an image classifier at the
+        same precision, layout and image size: what the visual encoder costs without VQA."""
+        sizes, device, n = self.sizes, self.device, self.sizes.gpu_batch
+        arch = str(self.cfg.model.visual.arch)
+        torch.manual_seed(0)
+        net = torchvision.models.get_model(arch, weights=None).to(device).train()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        net = net.to(memory_format=memory_format)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randn(n, 3, self.image_size, self.image_size, generator=gen)
+        pixels = pixels.to(device).contiguous(memory_format=memory_format)
+        labels = torch.randint(0, 1000, (n,), generator=gen).to(device)
+
+        def forward_backward() -> None:
+            with autocast_context(self.precision, device):
+                loss = F.cross_entropy(net(pixels), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+
+        def step(_: int) -> None:
+            forward_backward()
+            optimizer.step()
+
+        flops = count_flops(forward_backward)
+        optimizer.zero_grad(set_to_none=True)
+        seconds, memory = time_steps(step, sizes.gpu_warmup, sizes.gpu_steps, device)
+        self.release(net, optimizer)
+        return rate_row(
+            "anchor",
+            f"torchvision {arch} alone, {n} images, 1000 classes, {optimizer_label(optimizer)}",
+            images=n,
+            questions=None,
+            seconds=seconds,
+            flops=flops,
+            peak=self.peak,
+            memory=memory,
+            loop="bare",
+        )
+
+    def graphs_row(self) -> dict[str, Any]:
+        """The network under torch.compile(mode="reduce-overhead"), the rest of the bare step
+        eager; the first step's wall time is the compilation."""
+        from torch._dynamo.utils import counters
+
+        sizes, device, n = self.sizes, self.device, self.sizes.gpu_batch
+        flops = self.flops_of(n, 1)  # the eager count: the compiled graphs compute the same
+        batches = self.batches(n, 1)
+        loop = self.loop({"fused": True})
+        net = self.module.net
+        counters.clear()
+        self.module.net = torch.compile(net, mode="reduce-overhead")
+        try:
+
+            def step(i: int) -> None:
+                # a new iteration for cudagraph trees: the previous step's outputs are dead
+                torch.compiler.cudagraph_mark_step_begin()
+                loop.step(batches[i % len(batches)])
+
+            begin = time.perf_counter()
+            step(0)
+            synchronize(device)
+            first_step_s = time.perf_counter() - begin
+            seconds, memory = time_steps(
+                step, sizes.graphs_warmup + sizes.gpu_warmup, sizes.gpu_steps, device
+            )
+        finally:
+            self.module.net = net
+        breaks = counters["graph_break"]
+        compiled = {
+            "compile_first_step_s": first_step_s,
+            "graph_breaks": sum(breaks.values()),
+            "graph_break_reasons": [reason[:300] for reason, _ in breaks.most_common(5)],
+            "unique_graphs": counters["stats"]["unique_graphs"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+        }
+        compiled["cuda_graphs"] = device.type == "cuda" and compiled["cudagraph_skips"] == 0
+        label = f"{n} images x 1 question, {optimizer_label(loop.optimizer)}, compiled"
+        self.release(loop)
+        torch._dynamo.reset()
+        return rate_row(
+            "graphs",
+            label,
+            images=n,
+            questions=n,
+            seconds=seconds,
+            flops=flops,
+            peak=self.peak,
+            memory=memory,
+            loop="bare",
+            compile="reduce-overhead",
+            **compiled,
+        )
+
+
+def lightning_max_time(seconds: float) -> str:
+    """Lightning's DD:HH:MM:SS."""
+    minutes, secs = divmod(max(1, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+class StepLog(pl.Callback):
+    """Wall-clock start and size of every training batch, written to ``path`` (JSON) when the
+    fit ends: the e2e row adds it to a ``train.py`` run through the callbacks config.
+
+    No device sync per step: the recipe's own step is timed as it runs, and over a window of
+    many steps the few the host may have queued ahead are within the error.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.record: dict[str, list] = {"starts": [], "questions": [], "images": [], "epochs": []}
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.record["starts"].append(time.time())
+        self.record["questions"].append(batch.num_questions)
+        self.record["images"].append(batch.num_images)
+        self.record["epochs"].append(trainer.current_epoch)
+
+    def _write(self, pl_module: Any) -> None:
+        device = pl_module.device
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        self.record["peak_memory_mib"] = mib(peak)
+        self.record["device"] = torch.cuda.get_device_name(device) if peak is not None else "cpu"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.record))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._write(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._write(pl_module)
+
+
+# What the e2e row adds to the recipe: train for the time given, nothing else timed in between.
+E2E_RUN_OVERRIDES = [
+    "test=false",
+    "extras.print_config=false",
+    "trainer.max_epochs=1000",
+    "trainer.min_epochs=null",  # max_time may end the fit inside the first epoch
+    "trainer.limit_val_batches=0",
+    "trainer.num_sanity_val_steps=0",
+]
+
+
+def e2e_row(ctx: Context, peak: float | None) -> dict[str, Any]:
+    """``python train.py <recipe>`` in a fresh process: questions/s from the start times of its
+    training batches after warm-up (loader, transfer, Lightning and the step, all included)."""
+    sizes = ctx.sizes
+    out = (ctx.e2e_dir or ctx.workdir / "e2e").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    steps_file, log_file = out / "steps.json", out / "train.log"
+    steps_file.unlink(missing_ok=True)
+    seconds = ctx.e2e_seconds or sizes.e2e_seconds
+    overrides = [
+        *sizes.e2e_overrides,
+        *E2E_RUN_OVERRIDES,
+        f'trainer.max_time="{lightning_max_time(seconds)}"',
+        f"trainer.max_steps={sizes.e2e_steps}",
+        f"paths.output_dir={out / 'run'}",
+    ]
+    hook = [
+        "+callbacks.bench_step_log._target_=scripts.benchmark.StepLog",
+        f"+callbacks.bench_step_log.path={steps_file}",
+    ]
+    command = [sys.executable, "train.py", *overrides, *hook]
+    env = dict(os.environ)
+    if ctx.device.type != "cuda":
+        env["OMP_NUM_THREADS"] = str(ctx.threads)
+    row: dict[str, Any] = {
+        "row": "e2e",
+        "label": e2e_label(sizes.e2e_overrides),
+        "command": shlex.join(command),
+        "run_dir": str(out / "run"),
+        "composition": describe(compose_config(overrides, ctx.workdir / "e2e-cfg")),
+    }
+    launched = time.time()
+    try:
+        with open(log_file, "w") as log_fh:
+            proc = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                timeout=seconds + 900,  # start-up (data, tokenizer, model) comes on top
+                check=False,
+            )
+    except subprocess.TimeoutExpired:
+        return {**row, "error": "train.py did not finish in time", "log_tail": _tail(log_file)}
+    row["wall_s"] = time.time() - launched
+    row["returncode"] = proc.returncode
+    if proc.returncode != 0 or not steps_file.is_file():
+        return {
+            **row,
+            "error": f"train.py exited with {proc.returncode}",
+            "log_tail": _tail(log_file),
+        }
+    record = json.loads(steps_file.read_text())
+    starts = record["starts"]
+    warm, last = sizes.e2e_warmup, len(starts) - 1
+    if last <= warm:
+        return {
+            **row,
+            "error": f"{len(starts)} training steps in {seconds:.0f} s: need more than {warm + 1}",
+            "log_tail": _tail(log_file),
+        }
+    steps = last - warm
+    periods = sorted(
+        b - a for a, b in zip(starts[warm:last], starts[warm + 1 : last + 1], strict=True)
+    )
+    checkpoint = out / "run" / "checkpoints" / "last.ckpt"
+    return rate_row(
+        "e2e",
+        row["label"],
+        images=sum(record["images"][warm:last]) / steps,
+        questions=sum(record["questions"][warm:last]) / steps,
+        seconds=(starts[last] - starts[warm]) / steps,
+        flops=None,
+        peak=peak,
+        memory=record.get("peak_memory_mib"),
+        loop="train.py",
+        **{k: v for k, v in row.items() if k not in ("row", "label")},
+        steps_run=len(starts),
+        steps_timed=steps,
+        warmup_steps=warm,
+        epochs=record["epochs"][-1] + 1,
+        startup_s=starts[0] - launched,
+        period_ms={
+            "median": 1000 * statistics.median(periods),
+            "p90": 1000 * periods[int(0.9 * (len(periods) - 1))],
+            "max": 1000 * periods[-1],
+        },
+        checkpoint=str(checkpoint) if checkpoint.is_file() else None,
+    )
+
+
+def e2e_label(overrides: Sequence[str]) -> str:
+    shown = [o for o in overrides if not o.startswith("paths.")]
+    return "train.py " + " ".join(shown if len(shown) <= 8 else [*shown[:3], "..."])
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
+
+
+def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - slope * mx, slope
+
+
+def gpu_summary(rows: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
+    """The comparisons the rows are for, where both sides ran."""
+    timed = [r for r in rows if "step_ms" in r]
+
+    def find(kind: str, **match: Any) -> dict[str, Any] | None:
+        return next(
+            (
+                r
+                for r in timed
+                if r["row"] == kind and all(str(r.get(k)) == str(v) for k, v in match.items())
+            ),
+            None,
+        )
+
+    out: dict[str, Any] = {}
+    sweep = [r for r in timed if r["row"] == "sweep"]
+    if len(sweep) >= 2:
+        fixed, per_image = fit_line([(r["images"], r["step_ms"]) for r in sweep])
+        out["fixed_cost"] = {
+            "fixed_ms": fixed,
+            "ms_per_image": per_image,
+            "fixed_share": {str(r["images"]): fixed / r["step_ms"] for r in sweep},
+        }
+    n = sizes.gpu_batch
+    bare = find("sweep", images=n) or find("lightning", loop="bare")
+    lightning = find("lightning", loop="lightning")
+    if bare and lightning:
+        out["lightning_over_bare"] = lightning["questions_per_s"] / bare["questions_per_s"]
+    grouped = find("grouped")
+    single = grouped and find("sweep", images=grouped["images"])
+    if grouped and single:
+        out["grouped_questions_per_s_ratio"] = (
+            grouped["questions_per_s"] / single["questions_per_s"]
+        )
+    foreach = next((r for r in timed if r["row"] == "optimizer" and "foreach" in r["label"]), None)
+    fused = next((r for r in timed if r["row"] == "optimizer" and "fused" in r["label"]), None)
+    if foreach and fused:
+        out["fused_saves_ms"] = foreach["step_ms"] - fused["step_ms"]
+    anchor = find("anchor")
+    if anchor and bare:
+        out["anchor_share_of_step"] = anchor["step_ms"] / bare["step_ms"]
+    graphs = find("graphs", compile="reduce-overhead")
+    eager = fused or next((r for r in timed if r["row"] == "graphs" and "compile" not in r), None)
+    if graphs and eager:
+        out["graphs_speedup"] = eager["step_ms"] / graphs["step_ms"]
+    return out
+
+
+def section_gpu(ctx: Context) -> dict[str, Any]:
+    """ResNet-101 @ 448 + bert-base (random init): the rows of ``ctx.gpu_rows``."""
+    cuda = ctx.device.type == "cuda"
+    wanted = [r for r in GPU_ROWS if r in ctx.gpu_rows]
+    if not cuda and not ctx.gpu_smoke:
+        reason = "no CUDA device (--gpu-smoke runs this row's code on the CPU at tiny sizes)"
+        return {
+            "smoke": False,
+            "device": str(ctx.device),
+            "rows": [
+                {"row": kind, "label": GPU_ROW_TITLES[kind], "skipped": reason} for kind in wanted
+            ],
+            "summary": {},
+        }
+    device = ctx.device if cuda else torch.device("cpu")
+    sizes = ctx.sizes
+    overrides = [*sizes.gpu_overrides, f"fusion={ctx.gpu_fusion}"]
+    if cuda:
+        overrides.append("trainer.accelerator=gpu")
+    bench = GpuBench(ctx, device, overrides)
+    n = sizes.gpu_batch
+    rows: list[dict[str, Any]] = []
+
+    def run_row(kind: str, make: Callable[[], dict[str, Any] | list[dict[str, Any]]]) -> None:
+        """A row that fails (out of memory, a compiler error) is recorded as failed and the
+        section goes on: one GPU session has to bring back every row it can."""
+        log.info("gpu: %s", kind)
+        try:
+            made = make()
+        except Exception as err:
+            log.exception("gpu row %s failed", kind)
+            error = f"{type(err).__name__}: {err}"[:500]
+            made = {"row": kind, "label": GPU_ROW_TITLES[kind], "error": error}
+            bench.release()
+        rows.extend(made if isinstance(made, list) else [made])
+
+    if "sweep" in wanted:
+        for images in sizes.gpu_sweep:
+            run_row("sweep", functools.partial(bench.bare_row, "sweep", images, 1))
+    if "grouped" in wanted:
+        run_row("grouped", functools.partial(bench.bare_row, "grouped", *sizes.gpu_grouped))
+    if "optimizer" in wanted:
+        for kwargs in ({"foreach": True}, {"fused": True}):
+            run_row(
+                "optimizer",
+                functools.partial(bench.bare_row, "optimizer", n, 1, kwargs, count_step_ops=True),
+            )
+    if "lightning" in wanted:
+        if not any(r["row"] == "sweep" and r["images"] == n for r in rows):
+            run_row("lightning", functools.partial(bench.bare_row, "lightning", n, 1))
+        run_row("lightning", bench.lightning_row)
+    if "anchor" in wanted:
+        run_row("anchor", bench.anchor_row)
+    if "e2e" in wanted:
+        bench.release()
+        run_row("e2e", functools.partial(e2e_row, ctx, bench.peak))
+    if "graphs" in wanted:
+        if cuda or "graphs" in ctx.gpu_rows_asked:
+            if not any(r["row"] == "optimizer" and "fused" in r["label"] for r in rows):
+                run_row(
+                    "graphs", functools.partial(bench.bare_row, "graphs", n, 1, {"fused": True})
+                )
+            run_row("graphs", bench.graphs_row)
+        else:
+            rows.append(
+                {
+                    "row": "graphs",
+                    "label": GPU_ROW_TITLES["graphs"],
+                    "skipped": "CUDA graphs need CUDA, and torch.compile of the model takes "
+                    "minutes on a CPU (--gpu-rows graphs runs the compiled step here anyway)",
+                }
+            )
+    model_built = bench._module is not None
+    return {
+        "smoke": not cuda,
+        "device": bench.device_name,
+        "peak_bf16_flops": bench.peak,
+        "config": " ".join(overrides),
+        "precision": bench.precision,
+        "channels_last": bench.channels_last,
+        "image_size": bench.image_size,
+        "question_tokens": sizes.gpu_length,
+        "warmup_steps": sizes.gpu_warmup,
+        "timed_steps": sizes.gpu_steps,
+        "trainable_params": sum(p.numel() for p in bench.module.parameters() if p.requires_grad)
+        if model_built
+        else None,
         "flop_method": FLOP_METHOD,
+        "graphs_note": GRAPHS_NOTE,
         "note": "synthetic in-memory batches (random pixels, token ids and targets of the real "
-        "shapes), so the figures measure the model on the GPU, not JPEG decoding; Lightning run "
-        "without callbacks/logger/progress bar; MFU null where the device has no peak in the table",
-        "bare": bare,
-        "lightning": lightning,
+        "shapes; one batch per row pair, alternating) so the bare and Lightning rows measure the "
+        "model, not JPEG decoding; the device is synchronised at both ends of each timed window "
+        "only; Lightning without callbacks/logger/progress bar; the e2e row is train.py as a user "
+        "runs it (its loader, Lightning, callbacks, CSV logger), its model the recipe's (layer1 "
+        "frozen, frozen BatchNorm), so compare it with the grouped row for the order of "
+        "magnitude only; MFU null where the device has no peak in the table",
+        "rows": rows,
+        "summary": gpu_summary(rows, sizes),
+    }
+
+
+# ------------------------------------------------------------------------------- section 6
+
+
+# Fused AdamW: the other implementations keep each parameter's step count on the CPU and read it
+# with .item() every step, host reads that make no GPU wait but would fill the sync column.
+OPS_OVERRIDES = ["data.num_workers=0", "+module.optimizer.fused=true"]
+OPS_NOTE = (
+    "aten ops = every op the dispatcher ran (views included), a proxy for the kernels a GPU "
+    "launches; host syncs = ops whose result the host must wait for (.item(), bool(t), nonzero "
+    "and boolean indexing, copies to the CPU) plus Python calls of Tensor.item/tolist/cpu/numpy "
+    "(vqa.utils.op_counter; one .item() on a CPU tensor counts as both). Phases: forward = "
+    "modality dropout, model and loss (Lightning: training_step, with its metrics and logging); "
+    "backward; optimizer = clipping, AdamW step, LR schedule (Lightning: everything until the next "
+    "batch starts). The counted step is the second one: the first creates the optimizer state"
+)
+
+
+def count_phases(phases: Iterable[tuple[str, Callable[[], Any]]]) -> dict[str, StepOps]:
+    """Run each phase under its own op counter, in order."""
+    counted: dict[str, StepOps] = {}
+    for name, fn in phases:
+        with count_ops() as ops:
+            fn()
+        counted[name] = ops
+    return counted
+
+
+def count_bare_step(loop: BareLoop, batch: VQABatch) -> dict[str, StepOps]:
+    loss: list[Tensor] = []
+    return count_phases(
+        [
+            ("forward", lambda: loss.append(loop.forward(batch))),
+            ("backward", lambda: loop.backward(loss[0])),
+            ("optimizer", loop.optimizer_step),
+        ]
+    )
+
+
+def merge_ops(records: Iterable[tuple[str, StepOps]]) -> dict[str, StepOps]:
+    merged: dict[str, StepOps] = {}
+    for phase, ops in records:
+        into = merged.setdefault(phase, StepOps())
+        into.ops.update(ops.ops)
+        into.syncs.update(ops.syncs)
+        into.host_reads.update(ops.host_reads)
+    return merged
+
+
+def ops_summary(phases: dict[str, StepOps], steps: int = 1, top: int = 10) -> dict[str, Any]:
+    """Per-step counts (``steps`` counted steps averaged), by phase, with the ``top`` ops."""
+    total = merge_ops(("total", ops) for ops in phases.values()).get("total", StepOps())
+    return {
+        "steps_counted": steps,
+        "kernels": total.kernels / steps,
+        "phases": {name: ops.kernels / steps for name, ops in phases.items()},
+        "host_syncs": total.host_syncs / steps,
+        "phase_host_syncs": {name: ops.host_syncs / steps for name, ops in phases.items()},
+        "syncs": {name: n / steps for name, n in total.syncs.most_common()},
+        "host_reads": {name: n / steps for name, n in total.host_reads.most_common()},
+        "top_ops": [[name, n / steps] for name, n in total.ops.most_common(top)],
+    }
+
+
+class OpsWindow(pl.Callback):
+    """Counts the ops of training steps ``first`` .. ``first + steps - 1`` of a fit, each from its
+    ``on_train_batch_start`` to the next one, split at the backward hooks into forward, backward
+    and optimizer phases."""
+
+    def __init__(self, first: int, steps: int) -> None:
+        self.first, self.steps = first, steps
+        self.records: list[tuple[str, StepOps]] = []
+        self._started = 0
+        self._open: contextlib.ExitStack | None = None
+
+    def _switch(self, phase: str | None) -> None:
+        if self._open is not None:
+            self._open.close()
+            self._open = None
+        if phase is not None:
+            self._open = contextlib.ExitStack()
+            self.records.append((phase, self._open.enter_context(count_ops())))
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        index, self._started = self._started, self._started + 1
+        self._switch("forward" if self.first <= index < self.first + self.steps else None)
+
+    def on_before_backward(self, *args: Any) -> None:
+        if self._open is not None:
+            self._switch("backward")
+
+    def on_after_backward(self, *args: Any) -> None:
+        if self._open is not None:
+            self._switch("optimizer")
+
+    def on_train_end(self, *args: Any) -> None:
+        self._switch(None)
+
+    def on_exception(self, *args: Any) -> None:
+        self._switch(None)
+
+    @property
+    def phases(self) -> dict[str, StepOps]:
+        return merge_ops(self.records)
+
+
+def section_ops(ctx: Context) -> dict[str, Any]:
+    """Per fusion block: one bare step and one Lightning step (no callbacks or logger); for the
+    quick-start's own block also Lightning with the user's callbacks and logger, averaged over
+    ``log_every_n_steps`` steps (one logging step among them)."""
+    sizes, device = ctx.sizes, ctx.device
+    first = sizes.ops_first
+    rows = []
+    cfg = None
+    for fusion in ctx.fusions:
+        workdir = ctx.workdir / "ops" / fusion
+        cfg = compose_config([*sizes.base_overrides, f"fusion={fusion}", *OPS_OVERRIDES], workdir)
+        if device.type == "cuda":
+            with open_dict(cfg):
+                cfg.trainer.accelerator, cfg.trainer.devices = "gpu", 1
+        pl.seed_everything(cfg.seed, verbose=False)
+        datamodule, module = build_components(cfg)
+        with_user = fusion == ctx.default_fusion
+        window = int(cfg.trainer.log_every_n_steps) if with_user else 1
+        batches = collect_batches(datamodule, first + window + 1)
+        initial = copy.deepcopy(module.state_dict())
+
+        module.to(device).train()
+        loop = BareLoop(
+            module, first + 2, cfg.trainer.gradient_clip_val, cfg.trainer.precision, device
+        )
+        on_device = [to_device(b, device) for b in batches[: first + 1]]
+        for batch in on_device[:first]:
+            loop.step(batch)
+        rows.append(
+            {
+                "fusion": fusion,
+                "loop": "bare",
+                **ops_summary(count_bare_step(loop, on_device[first])),
+            }
+        )
+        del loop, on_device
+        for user_callbacks in (False, True) if with_user else (False,):
+            steps = window if user_callbacks else 1
+            module.load_state_dict(initial)
+            counter = OpsWindow(first, steps)
+            lightning_fit(
+                cfg,
+                module,
+                batches[: first + steps + 1],
+                workdir / f"fit-{'user' if user_callbacks else 'bare'}",
+                user_callbacks=user_callbacks,
+                extra_callbacks=[counter],
+            )
+            loop_name = "lightning + callbacks, logger" if user_callbacks else "lightning"
+            rows.append({"fusion": fusion, "loop": loop_name, **ops_summary(counter.phases, steps)})
+        log.info("ops: %s done", fusion)
+    return {
+        "config": " ".join([*sizes.base_overrides, "fusion=<name>", *OPS_OVERRIDES]),
+        "device": str(device),
+        "precision": None if cfg is None else str(cfg.trainer.precision),
+        "callbacks": None
+        if cfg is None
+        else sorted(k for k, v in (cfg.get("callbacks") or {}).items() if v),
+        "logger": None
+        if cfg is None
+        else sorted(k for k, v in (cfg.get("logger") or {}).items() if v),
+        "note": OPS_NOTE,
+        "rows": rows,
     }
 
 
@@ -1181,7 +1982,10 @@ class Context:
     default_fusion: str
     gpu_fusion: str
     gpu_smoke: bool
-    compile: bool
+    gpu_rows: list[str] = field(default_factory=lambda: list(GPU_ROWS))
+    gpu_rows_asked: list[str] = field(default_factory=list)  # named on the command line
+    e2e_seconds: float | None = None
+    e2e_dir: Path | None = None
     _store: dict[str, Any] | None = None
 
     def spec(self, overrides: list[str]) -> dict[str, Any]:
@@ -1207,7 +2011,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--sections",
         nargs="+",
         default=list(SECTIONS),
-        help=f"any of {', '.join(SECTIONS)} (or 1-5); default all",
+        help=f"any of {', '.join(SECTIONS)} (or 1-{len(SECTIONS)}); default all",
     )
     parser.add_argument("--fusions", nargs="+", help="fusion names (default: every yaml)")
     parser.add_argument(
@@ -1251,13 +2055,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run the gpu section's code on CPU at tiny size when there is no CUDA",
     )
     parser.add_argument("--gpu-fusion", default="parallel")
-    parser.add_argument("--gpu-batch-size", type=int)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (gpu)")
+    parser.add_argument(
+        "--gpu-batch-size",
+        type=int,
+        help="images (one question each) of the optimizer, lightning, anchor and graphs rows "
+        "(default 32)",
+    )
+    parser.add_argument(
+        "--gpu-rows",
+        nargs="+",
+        choices=GPU_ROWS,
+        help="rows of the gpu section (default all; graphs runs on a CPU only when named here)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add the graphs row (torch.compile, mode=reduce-overhead), on a CPU too",
+    )
+    parser.add_argument(
+        "--e2e-seconds", type=float, help="training time of the e2e train.py run (default 60)"
+    )
+    parser.add_argument(
+        "--e2e-dir",
+        type=Path,
+        help="keep the e2e train.py run (its checkpoints/last.ckpt) here instead of a temporary "
+        "folder",
+    )
     args = parser.parse_args(argv)
     by_number = {str(i + 1): name for i, name in enumerate(SECTIONS)}
     args.sections = [by_number.get(s, s) for s in args.sections]
     if unknown := sorted(set(args.sections) - set(SECTIONS)):
-        parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS} or 1-5")
+        parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS} or 1-{len(SECTIONS)}")
+    args.gpu_rows_asked = [*(args.gpu_rows or []), *(["graphs"] if args.compile else [])]
+    args.gpu_rows = [
+        r for r in GPU_ROWS if r in (args.gpu_rows or GPU_ROWS) or r in args.gpu_rows_asked
+    ]
     return args
 
 
@@ -1273,18 +2105,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     set_project_root()
     torch.set_num_threads(args.threads)
     sizes = make_sizes(args.quick)
-    if args.gpu_smoke and not torch.cuda.is_available():
-        sizes.gpu_overrides = make_sizes(True).gpu_overrides
-        for key in (
-            "gpu_batch",
-            "gpu_questions_per_image",
-            "gpu_length",
-            "gpu_vocab",
-            "gpu_answers",
-            "gpu_warmup",
-            "gpu_steps",
-        ):
-            setattr(sizes, key, getattr(make_sizes(True), key))
+    smoke_sizes = args.gpu_smoke and not torch.cuda.is_available()
+    if smoke_sizes:
+        tiny = make_sizes(True)
+        for key in GPU_SIZE_FIELDS:
+            setattr(sizes, key, getattr(tiny, key))
     if args.gpu_batch_size:
         sizes.gpu_batch = args.gpu_batch_size
     device = torch.device(
@@ -1298,6 +2123,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
         if data_dir is not None:
             sizes.base_overrides.append(f"paths.data_dir={data_dir}")
             sizes.gpu_overrides.append(f"paths.data_dir={data_dir}")
+            sizes.e2e_overrides.append(f"paths.data_dir={data_dir}")
+        elif smoke_sizes:  # the tiny set must not replace the one in the project's data/
+            sizes.e2e_overrides.append(f"paths.data_dir={workdir / 'data'}")
         setup = describe(compose_config(sizes.base_overrides, workdir))
         ctx = Context(
             sizes=sizes,
@@ -1311,7 +2139,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
             default_fusion=setup["fusion"],
             gpu_fusion=args.gpu_fusion,
             gpu_smoke=args.gpu_smoke,
-            compile=args.compile,
+            gpu_rows=args.gpu_rows,
+            gpu_rows_asked=args.gpu_rows_asked,
+            e2e_seconds=args.e2e_seconds,
+            e2e_dir=args.e2e_dir,
         )
         results: dict[str, Any] = {}
         timings: dict[str, float] = {}
@@ -1331,6 +2162,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
                 results[name] = section_scaling(ctx)
             elif name == "gpu":
                 results[name] = section_gpu(ctx)
+            elif name == "ops":
+                results[name] = section_ops(ctx)
             timings[name] = time.perf_counter() - begin
         if "fusions" in results:  # the store lived in the temporary folder
             results["fusions"]["feature_store"].pop("feature_dir", None)
@@ -1506,35 +2339,149 @@ def _md_scaling(s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _n(value: float) -> str:
+    """A per-step count: whole when it is one, else one decimal (averaged over steps)."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+
+
+def _op_list(counts: Iterable[tuple[str, float]] | dict[str, float]) -> str:
+    items = counts.items() if isinstance(counts, dict) else counts
+    return ", ".join(f"{name.removeprefix('aten.')} {_n(n)}" for name, n in items) or "none"
+
+
 def _md_gpu(s: dict[str, Any]) -> list[str]:
-    out = ["## 5. GPU end to end (ResNet-101 @ 448 + bert-base, bf16-mixed)", ""]
-    if "skipped" in s:
-        return out + _table(["mode", "result"], "ll", [["gpu", f"skipped: {s['skipped']}"]])
+    out = ["## 5. GPU: fixed cost per step, optimizer, Lightning, CUDA graphs, end to end", ""]
+    header = ["row", "setting", "images/step", "questions/step", "ms/step", "questions/s"]
+    header += ["images/s", "TFLOP/s", "MFU", "peak MiB"]
     rows = []
-    for kind in ("bare", "lightning"):
-        r = s[kind]
+    for r in s["rows"]:
+        if "step_ms" not in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r.get('error')}"
+            rows.append([r["row"], r["label"], why, *[""] * (len(header) - 3)])
+            continue
         rows.append(
             [
-                kind,
-                _f(r["samples_per_s"]),
+                r["row"],
+                r["label"],
+                _f(r["images"], 0 if float(r["images"]).is_integer() else 1),
+                "n/a" if r["questions"] is None else _f(r["questions"], 1).removesuffix(".0"),
                 _f(r["step_ms"]),
+                _f(r["questions_per_s"]),
+                _f(r["images_per_s"]),
                 _f(r["achieved_tflops"], 3),
                 "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %",
-                _f(r["peak_memory_mib"]),
+                _f(r["peak_memory_mib"], 0),
             ]
         )
+    if "config" not in s:  # every row skipped before anything was composed
+        return [*out, *_table(header, "ll" + "r" * (len(header) - 2), rows)]
     smoke = "SMOKE RUN: tiny sizes on CPU, not a GPU figure. " if s["smoke"] else ""
-    return [
-        *out,
-        f"{smoke}Device {s['device']} (peak bf16 "
-        f"{'n/a' if s['peak_bf16_flops'] is None else _f(s['peak_bf16_flops'] / 1e12)} "
-        f"TFLOP/s), `{s['config']}`, precision {s['precision']}, channels_last "
-        f"{s['channels_last']}, torch.compile {s['compile']}; {s['batch_questions']} questions "
-        f"on {s['batch_images']} images of {s['image_size']} px per step, "
-        f"{s['question_tokens']} tokens. {_f(s['flops_per_step'] / 1e9, 2)} GFLOP per step: "
-        f"{s['flop_method']} Notes: {s['note']}.",
+    peak = "n/a" if s["peak_bf16_flops"] is None else _f(s["peak_bf16_flops"] / 1e12)
+    out += [
+        f"{smoke}Device {s['device']} (peak bf16 {peak} TFLOP/s), `{s['config']}`, precision "
+        f"{s['precision']}, channels_last {s['channels_last']}, {s['image_size']} px, "
+        f"{s['question_tokens']} tokens per question; {s['timed_steps']} timed steps after "
+        f"{s['warmup_steps']} warm-up. FLOPs: {s['flop_method']} Notes: {s['note']}.",
         "",
-        *_table(["loop", "samples/s", "ms/step", "TFLOP/s", "MFU", "peak MiB"], "lrrrrr", rows),
+        *_table(header, "ll" + "r" * (len(header) - 2), rows),
+    ]
+    found = []
+    summary = s["summary"]
+    if fixed := summary.get("fixed_cost"):
+        shares = ", ".join(
+            f"{100 * share:.0f} % at {images} images"
+            for images, share in fixed["fixed_share"].items()
+        )
+        found.append(
+            f"Fixed cost (least-squares line of ms/step over images/step, sweep rows): "
+            f"**{_f(fixed['fixed_ms'])} ms per step** + {_f(fixed['ms_per_image'], 2)} ms per "
+            f"image; the fixed part is {shares}."
+        )
+    if "grouped_questions_per_s_ratio" in summary:
+        found.append(
+            f"Image-grouped batches: {summary['grouped_questions_per_s_ratio']:.2f}x the "
+            "questions/s of one question per image at the same images per step."
+        )
+    if "fused_saves_ms" in summary:
+        found.append(
+            f"AdamW fused instead of foreach: {_f(summary['fused_saves_ms'])} ms less per step."
+        )
+    for r in s["rows"]:
+        if r["row"] == "optimizer" and "ops" in r:
+            o = r["ops"]
+            found.append(
+                f"One bare step, {r['label']}: {_n(o['kernels'])} aten ops (forward "
+                f"{_n(o['phases']['forward'])}, backward {_n(o['phases']['backward'])}, optimizer "
+                f"{_n(o['phases']['optimizer'])}), {_n(o['host_syncs'])} host syncs "
+                f"({_op_list(o['syncs'])}; host reads: {_op_list(o['host_reads'])})."
+            )
+    if "lightning_over_bare" in summary:
+        found.append(
+            f"Lightning / bare loop, questions/s: **{summary['lightning_over_bare']:.3f}**."
+        )
+    if "anchor_share_of_step" in summary:
+        found.append(
+            f"The ResNet alone takes {100 * summary['anchor_share_of_step']:.0f} % of the VQA "
+            "model's bare step at the same images per step."
+        )
+    for r in s["rows"]:
+        if r["row"] == "graphs" and "compile_first_step_s" in r:
+            speedup = summary.get("graphs_speedup")
+            graphs = "CUDA graphs in use" if r["cuda_graphs"] else "**no CUDA graphs**"
+            found.append(
+                f"torch.compile(mode='reduce-overhead'): **"
+                f"{'n/a' if speedup is None else f'{speedup:.2f}x'}** the eager step rate "
+                f"({graphs}: {r['cudagraph_skips']} cudagraph skip(s), which TORCH_LOGS=perf_hints "
+                f"names); first (compiling) step {_f(r['compile_first_step_s'])} s, "
+                f"{r['unique_graphs']} graph(s), {r['graph_breaks']} graph break(s)"
+                f"{': ' + '; '.join(r['graph_break_reasons']) if r['graph_breaks'] else ''}. "
+                f"{s['graphs_note']}."
+            )
+        if r["row"] == "e2e" and "step_ms" in r:
+            period = r["period_ms"]
+            found.append(
+                f"End to end: `{r['command']}`: {r['steps_run']} steps in {r['epochs']} "
+                f"epoch(s), {r['steps_timed']} timed after {r['warmup_steps']}; start-to-start "
+                f"ms median {_f(period['median'])}, p90 {_f(period['p90'])}, max "
+                f"{_f(period['max'])}; process start to first step {_f(r['startup_s'])} s."
+            )
+        if r["row"] == "e2e" and "error" in r:
+            found.append(f"End to end: `{r['command']}` failed: {r['error']}.")
+    return [*out, "", *[f"- {line}" for line in found]] if found else out
+
+
+def _sync_cell(r: dict[str, Any]) -> str:
+    where = {k: v for k, v in r["phase_host_syncs"].items() if v}
+    cell = f"{_op_list(r['syncs'])}; reads: {_op_list(r['host_reads'])}"
+    return f"{cell} (in {_op_list(where)})" if where else cell
+
+
+def _md_ops(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["fusion"],
+            r["loop"],
+            _n(r["kernels"]),
+            _n(r["phases"].get("forward", 0)),
+            _n(r["phases"].get("backward", 0)),
+            _n(r["phases"].get("optimizer", 0)),
+            _n(r["host_syncs"]),
+            _sync_cell(r),
+            _op_list(r["top_ops"]),
+        ]
+        for r in s["rows"]
+    ]
+    header = ["fusion", "loop", "aten ops/step", "forward", "backward", "optimizer"]
+    header += ["host syncs/step", "syncs by op", "top 10 ops"]
+    return [
+        "## 6. Kernels and host syncs per training step",
+        "",
+        f"`{s['config']}` on {s['device']}, precision {s['precision']}. Lightning rows: a real "
+        f"Trainer, no callbacks or logger; *callbacks, logger*: the user's ({', '.join(s['callbacks'] or [])}; "
+        f"logger {', '.join(s['logger'] or []) or 'none'}), averaged over log_every_n_steps steps. "
+        f"{s['note']}.",
+        "",
+        *_table(header, "llrrrrrll", rows),
     ]
 
 
@@ -1568,6 +2515,7 @@ def markdown(report: dict[str, Any]) -> str:
         "pipeline": _md_pipeline,
         "scaling": _md_scaling,
         "gpu": _md_gpu,
+        "ops": _md_ops,
     }
     for name, write in writers.items():
         if name in report:
