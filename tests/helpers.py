@@ -121,3 +121,31 @@ def compose_config(
         if data_dir is not None:
             cfg.paths.data_dir = str(data_dir)
     return cfg
+
+
+def fit_steps(
+    cfg: DictConfig, callbacks: Sequence[Any], max_steps: int, limit_val_batches: int = 0
+) -> tuple[Any, Any]:
+    """Fit ``max_steps`` training batches of the composed run with ``callbacks`` only (no logger,
+    checkpointing, progress bar or sanity check), seeded as ``train.py`` seeds; returns
+    ``(trainer, module)``."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from vqa.train import build_components
+
+    pl.seed_everything(cfg.seed, verbose=False)
+    datamodule, module = build_components(cfg)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=list(callbacks),
+        logger=False,
+        max_steps=max_steps,
+        limit_val_batches=limit_val_batches,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, module

@@ -8,11 +8,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 
-from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config, fit_steps
 from vqa.models.compilation import compile_network
-from vqa.train import build_components
 
 
 def test_cuda_graph_modes_need_static_shapes() -> None:
@@ -44,26 +42,13 @@ def _train_losses(tmp_path: Path, data_dir: Path, *overrides: str) -> list[float
         data_dir,
     )
     GlobalHydra.instance().clear()
-    pl.seed_everything(cfg.seed, verbose=False)
-    datamodule, module = build_components(cfg)
     losses: list[float] = []
 
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             losses.append(float(outputs["loss"]))
 
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[Record()],
-        logger=False,
-        max_steps=3,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=datamodule)
+    fit_steps(cfg, [Record()], max_steps=3, limit_val_batches=2)
     return losses
 
 

@@ -36,7 +36,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from torch import Tensor
 
-from tests.helpers import ROOT, TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from tests.helpers import ROOT, TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config, fit_steps
 from vqa.train import build_components
 from vqa.utils import instantiate_callbacks, instantiate_loggers
 from vqa.utils.op_counter import StepOps, count_ops
@@ -94,23 +94,14 @@ def count_one_training_batch(
         "train", [*TINY_OVERRIDES, *TINY_DATA_OVERRIDES, *overrides], tmp_path, data_dir
     )
     GlobalHydra.instance().clear()
-    pl.seed_everything(cfg.seed, verbose=False)
-    datamodule, module = build_components(cfg)
-    if patch_module is not None:
-        patch_module(module)
     counter = CountOneBatch()
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[counter],
-        logger=False,
-        max_steps=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=datamodule)
+
+    class Patch(pl.Callback):
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            if patch_module is not None:
+                patch_module(pl_module)
+
+    fit_steps(cfg, [Patch(), counter], max_steps=1)
     assert counter.counted is not None, "the training batch never started"
     return counter.counted
 
