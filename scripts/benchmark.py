@@ -15,7 +15,10 @@ markdown. Sections (``--sections``, by name or number):
    composition (``experiment=quickstart fusion=<name>``), from images and from cached features.
 2. ``overhead``: the Lightning module under a real ``Trainer`` vs the bare PyTorch loop below, same
    model, batches, precision, clipping, optimizer and schedule (tests prove the weights agree).
-3. ``pipeline``: data-loader samples/s (quick-start ``num_workers``) vs the training step's rate.
+3. ``pipeline``: data-loader samples/s (quick-start ``num_workers``) vs the training step's rate;
+   and the ``data=vqav2`` train loader at the VQA v2 recipe's 448 px on COCO-sized (640x480)
+   JPEGs with 1 and 2 workers, the per-image cost of decode, resize and normalise in-process
+   (PIL and ``torchvision.io.decode_jpeg``), and an extrapolation to 16 workers (labelled as such).
 4. ``scaling``: fusion blocks alone (ResNet-101 layer3/layer4 channels, 768-d text) as the grid and
    the question grow, dense vs ``top_k`` sparse attention (folds the former model_stats.py).
 5. ``gpu``: ResNet-101 @ 448 px + bert-base (random init), bf16-mixed, channels_last, rows chosen
@@ -43,6 +46,7 @@ import contextlib
 import copy
 import functools
 import gc
+import io
 import json
 import logging
 import multiprocessing as mp
@@ -66,21 +70,28 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `scripts.extract_features` when run as `python scripts/...`
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
+from torchvision.io import decode_jpeg  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
 from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
 
 from vqa.data.batch import VQABatch  # noqa: E402
+from vqa.data.dataset import VQADataset, row_image  # noqa: E402
+from vqa.data.images import load_rgb  # noqa: E402
+from vqa.data.shapes import ShapesConfig, generate  # noqa: E402
 from vqa.lit_module import VQALitModule  # noqa: E402
 from vqa.metrics import ANSWER_TYPES  # noqa: E402
 from vqa.train import build_components  # noqa: E402
@@ -142,6 +153,11 @@ class Sizes:
     overhead_warmup: int = 4
     overhead_steps: int = 24
     loader_batches: int = 40
+    jpeg_images: int = 200  # COCO-sized JPEGs of the data=vqav2 loader rows
+    jpeg_questions_per_image: int = 5
+    jpeg_workers: tuple[int, ...] = (1, 2)
+    jpeg_epochs: int = 4  # timed, after one untimed epoch
+    jpeg_passes: int = 5  # in-process passes over the images per stage, median kept
     scale_batch: int = 8
     scale_channels: tuple[int, ...] = (1024, 2048)
     scale_text_dim: int = 768
@@ -213,6 +229,9 @@ def make_sizes(quick: bool) -> Sizes:
         overhead_warmup=1,
         overhead_steps=4,
         loader_batches=3,
+        jpeg_images=16,
+        jpeg_epochs=1,
+        jpeg_passes=1,
         scale_batch=2,
         scale_channels=(16, 32),
         scale_text_dim=16,
@@ -928,6 +947,294 @@ def loader_rate(overrides: Sequence[str], batches: int, workdir: Path) -> dict[s
     }
 
 
+# Most COCO images are 640 px on the long side, 640x480 the commonest; VQA v2 asks 443,757
+# training questions about its 82,783 train2014 images.
+COCO_SIZE = (640, 480)
+COCO_JPEG_QUALITY = 90
+VQA_V2_QUESTIONS_PER_IMAGE = 5.4
+# Issue 19's goal for the 448 px recipe on a 16-core GPU host.
+LOADER_GOAL_QUESTIONS_PER_S = 3000.0
+TARGET_WORKERS = 16
+# The VQA v2 recipe's data side as train.py composes it; the model choices only matter for what
+# the data config reads from them (the tokenizer: null builds WordPiece from the questions, as
+# bert-base-uncased cannot be downloaded here). No CUDA to pin for, and the synthetic answers are
+# too few for the recipe's count threshold (the vocabulary size barely touches the loader).
+JPEG_RECIPE = [
+    "experiment=vqav2_resnet101_bert",
+    "model/text=bert_base_random",
+    "model.visual.weights=null",
+    "logger=none",
+    "data.pin_memory=false",
+    "data.min_answer_count=1",
+]
+
+
+def photo_like_jpeg(rng: np.random.Generator, size: tuple[int, int] = COCO_SIZE) -> bytes:
+    """A JPEG about as many bytes as a COCO photo: the entropy decoder's cost follows the
+    compressed size, so flat colour or clean shapes would understate the decode."""
+    width, height = size
+    # Smooth lighting, then hard-edged objects, then texture at two scales (surfaces, sensor
+    # noise on the luma, as a camera leaves it).
+    image = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize(
+        size, Image.Resampling.BICUBIC
+    )
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(8, 20))):
+        x0, y0 = rng.uniform(-100, width), rng.uniform(-100, height)
+        x1, y1 = x0 + rng.uniform(20, 300), y0 + rng.uniform(20, 300)
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif kind == 1:
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            corners = rng.uniform((x0, y0), (x1, y1), size=(int(rng.integers(3, 7)), 2))
+            draw.polygon([(float(x), float(y)) for x, y in corners], fill=fill)
+    surface = rng.normal(0, 28, (height // 2, width // 2)).astype(np.float32)
+    surface = np.asarray(Image.fromarray(surface, mode="F").resize(size, Image.Resampling.BILINEAR))
+    grain = rng.normal(0, 14, (height, width)).astype(np.float32)
+    pixels = np.asarray(image, dtype=np.float32) + (surface + grain)[..., None]
+    out = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+        out, format="JPEG", quality=COCO_JPEG_QUALITY
+    )
+    return out.getvalue()
+
+
+def build_jpeg_set(root: Path, images: int, questions_per_image: int) -> dict[str, Any]:
+    """The synthetic set's VQA v2 files (questions, annotations, layout) with every training
+    image replaced by a COCO-sized photo-like JPEG; the few validation images only have to exist
+    for the answer vocabulary."""
+    generate(
+        root,
+        ShapesConfig(
+            num_train_images=images,
+            num_val_images=2,
+            num_test_images=0,
+            questions_per_image=questions_per_image,
+            image_size=32,
+            seed=0,
+        ),
+    )
+    rng = np.random.default_rng(0)
+    paths = sorted((root / "Images" / "mscoco" / "train2014").glob("*.jpg"))
+    sizes = []
+    for path in paths:
+        data = photo_like_jpeg(rng)
+        path.write_bytes(data)
+        sizes.append(len(data))
+    return {
+        "images": len(paths),
+        "width": COCO_SIZE[0],
+        "height": COCO_SIZE[1],
+        "jpeg_quality": COCO_JPEG_QUALITY,
+        "jpeg_kib_mean": statistics.fmean(sizes) / 1024,
+    }
+
+
+def jpeg_loader_rate(overrides: Sequence[str], epochs: int, workdir: Path) -> dict[str, Any]:
+    """Questions/s and images/s of the training loader over whole epochs after an untimed one.
+
+    Whole epochs with persistent workers: each timed epoch starts with every worker idle and
+    ends when its last batch is out, so no work done before the clock started is counted in
+    it (timing from a batch in mid-epoch would credit the batches the workers had prefetched).
+    The idle tail of a worker at each epoch's end counts against the rate, so epochs of a few
+    batches understate it rather than overstate it.
+    """
+    cfg = compose_config(overrides, workdir)
+    pl.seed_everything(cfg.seed, verbose=False)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    begin = time.perf_counter()
+    first = None
+    for _ in loader:  # worker start-up, imports in the workers, the page cache
+        first = first or time.perf_counter()
+    questions = images = batches = 0
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            questions += num_samples(batch)
+            images += int(batch.images.shape[0])
+            batches += 1
+    seconds = time.perf_counter() - start
+    workers = int(cfg.data.num_workers)
+    result = {
+        "num_workers": workers,
+        "startup_s": (first or start) - begin,
+        "epochs": epochs,
+        "batches": batches,
+        "questions": questions,
+        "images": images,
+        "seconds": seconds,
+        "questions_per_s": questions / seconds,
+        "images_per_s": images / seconds,
+        "images_per_s_per_worker": images / seconds / max(workers, 1),
+    }
+    del loader
+    gc.collect()
+    return result
+
+
+def _stage_ms(
+    stages: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]], passes: int
+) -> dict[str, float]:
+    """ms per item of each stage's function over its items, median over ``passes`` passes.
+
+    The stages take turns within each pass, so a burst of load from another process lands on
+    one pass of every stage rather than on every pass of one stage.
+    """
+    means: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(passes):
+        for name, (fn, items) in stages.items():
+            begin = time.perf_counter()
+            for item in items:
+                fn(item)
+            means[name].append((time.perf_counter() - begin) * 1000 / len(items))
+    return {name: statistics.median(values) for name, values in means.items()}
+
+
+def image_stage_costs(dataset: VQADataset, passes: int) -> dict[str, float]:
+    """ms per image of what a loader worker does for each distinct image, whole and by stage,
+    on one thread as in a worker (DataLoader sets one torch thread there), and the CPU decode
+    of torchvision (the one ``decode_jpeg(device="cuda")`` would replace) on the same bytes."""
+    transform = dataset.transform
+    ops = list(getattr(transform, "transforms", []))
+    if not ops or not isinstance(ops[0], v2.Resize):
+        raise ValueError(f"expected the training transform to start with a Resize, got {ops}")
+    resize, finish = ops[0], v2.Compose(ops[1:])
+    table = dataset.table.select_columns(["image_id", "image_path", "question_id"])
+    rows = list({row["image_id"]: row for row in table}.values())
+    paths = [Path(row["image_path"]) for row in rows]
+    encoded = [path.read_bytes() for path in paths]
+    buffers = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
+    decoded = [load_rgb(data) for data in encoded]
+    resized = [resize(image) for image in decoded]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _stage_ms(
+            {
+                "dataset_image": (lambda row: transform(row_image(row)), rows),
+                "read_file": (Path.read_bytes, paths),
+                "pil_decode": (load_rgb, encoded),
+                "resize": (resize, decoded),
+                "to_tensor_normalise": (finish, resized),
+                "torchvision_decode_cpu": (decode_jpeg, buffers),
+            },
+            passes,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def batch_ms_per_image(loader: DataLoader, passes: int) -> float:
+    """ms per decoded image of what a worker does for a whole batch (table rows, images,
+    collate), in-process on one thread: the part of the loader's cost before the batch crosses
+    to the main process. Median over ``passes`` epochs."""
+    dataset = loader.dataset
+    index_batches = [list(indices) for indices in loader.batch_sampler]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        means = []
+        for _ in range(passes):
+            images = 0
+            begin = time.perf_counter()
+            for indices in index_batches:
+                images += int(loader.collate_fn(dataset.__getitems__(indices)).images.shape[0])
+            means.append((time.perf_counter() - begin) * 1000 / images)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(means)
+
+
+def extrapolate(per_worker_images_per_s: float, workers: int) -> float:
+    """Questions/s of ``workers`` loader workers if each kept the measured rate: not measured."""
+    return per_worker_images_per_s * workers * VQA_V2_QUESTIONS_PER_IMAGE
+
+
+def jpeg_pipeline(ctx: Context) -> dict[str, Any]:
+    """The VQA v2 recipe's train loader on COCO-sized JPEGs, and where a worker's time goes."""
+    sizes = ctx.sizes
+    workdir = ctx.workdir / "jpeg"
+    root = workdir / "vqa"
+    data_set = build_jpeg_set(root, sizes.jpeg_images, sizes.jpeg_questions_per_image)
+    base = [*JPEG_RECIPE, f"data.root={root}", f"paths.data_dir={workdir / 'data'}"]
+    rows = [
+        jpeg_loader_rate(
+            [*base, f"data.num_workers={workers}"], sizes.jpeg_epochs, workdir / f"w{workers}"
+        )
+        for workers in sizes.jpeg_workers
+    ]
+    cfg = compose_config(base, workdir / "stages")
+    recipe_workers = int(cfg.data.num_workers)
+    cfg.data.num_workers = 0  # the stages run here: a loader with the recipe's workers only warns
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    stages = image_stage_costs(datamodule.datasets[cfg.data.train_split], sizes.jpeg_passes)
+    stages["batch_in_process"] = batch_ms_per_image(
+        datamodule.train_dataloader(), sizes.jpeg_passes
+    )
+    one = next((r for r in rows if r["num_workers"] == 1), rows[0])
+    per_worker = one["images_per_s_per_worker"]
+    for r in rows:
+        r["per_worker_vs_one_worker"] = r["images_per_s_per_worker"] / per_worker
+    headline = extrapolate(per_worker, TARGET_WORKERS)
+    slowest = min(rows, key=lambda r: r["images_per_s_per_worker"])
+    return {
+        "config": " ".join([*JPEG_RECIPE, "data.root=<generated>", "data.num_workers=N"]),
+        "image_size": int(cfg.data.image_size),
+        "batch_size": int(cfg.data.batch_size),
+        "group_by_image": bool(cfg.data.group_by_image),
+        "data_set": {**data_set, "questions": len(datamodule.datasets[cfg.data.train_split])},
+        "rows": rows,
+        "stages_ms": stages,
+        "in_process_images_per_s": 1000 / stages["dataset_image"],
+        "one_worker_ms_per_image": 1000 / per_worker,
+        "extrapolation": {
+            "basis": f"the {one['num_workers']}-worker loader row",
+            "per_worker_images_per_s": per_worker,
+            "workers": TARGET_WORKERS,
+            "questions_per_image": VQA_V2_QUESTIONS_PER_IMAGE,
+            "questions_per_s": headline,
+            "goal_questions_per_s": LOADER_GOAL_QUESTIONS_PER_S,
+            "clears_goal": headline >= LOADER_GOAL_QUESTIONS_PER_S,
+            "recipe_workers": recipe_workers,
+            "recipe_workers_questions_per_s": extrapolate(per_worker, recipe_workers),
+            # Workers sharing the cores with the main process and each other lose some of the
+            # one-worker rate: the slowest row's per-worker rate shows how much that costs.
+            "slowest_row_workers": slowest["num_workers"],
+            "slowest_row_questions_per_s": extrapolate(
+                slowest["images_per_s_per_worker"], TARGET_WORKERS
+            ),
+            # An image whose questions straddle two batches is decoded for each: the
+            # measured questions per decode is below the questions per image.
+            "measured_questions_per_decode": one["questions"] / one["images"],
+            "from_row_questions_per_s": one["questions_per_s"]
+            / max(one["num_workers"], 1)
+            * TARGET_WORKERS,
+            "in_process_questions_per_s": extrapolate(
+                1000 / stages["dataset_image"], TARGET_WORKERS
+            ),
+            "assumes": "every worker keeps the rate measured for one worker with a core to "
+            "itself (linear scaling); 16 workers on 16 cores leave none for the training "
+            "process and its pin-memory thread; images come from the page cache; an image "
+            "is decoded once per batch that holds its questions, so x 5.4 overstates the "
+            "questions per decode a little (the questions/s of the row itself does not)",
+        },
+        "note": f"Questions/s and images/s (decoded images: one per image and batch) over "
+        f"{sizes.jpeg_epochs} whole epoch(s) after an untimed one (persistent workers: each "
+        "timed epoch starts with the workers idle); pin_memory off (no CUDA here); stage "
+        "costs in-process on one torch thread, as in a worker: ms per image, median of "
+        f"{sizes.jpeg_passes} pass(es) over the images",
+    }
+
+
 def section_pipeline(ctx: Context, fusion_rows: list[dict[str, Any]] | None) -> dict[str, Any]:
     """Loader rate vs the training step's consumption rate, images and cached."""
     sizes = ctx.sizes
@@ -968,6 +1275,7 @@ def section_pipeline(ctx: Context, fusion_rows: list[dict[str, Any]] | None) -> 
         "steps with batches already in memory (section fusions); ratio = loader / model",
         "rows": rows,
         "model_runs": model_runs,
+        "jpeg": jpeg_pipeline(ctx),
     }
 
 
@@ -2304,6 +2612,67 @@ def _md_pipeline(s: dict[str, Any]) -> list[str]:
         f"fusion={s['fusion']}; {s['note']}. Goal: ratio ≥ {s['goal_ratio']:.0f}.",
         "",
         *_table([*header, "ratio"], "lrrrrr", rows),
+        *([] if "jpeg" not in s else ["", *_md_jpeg(s["jpeg"])]),
+    ]
+
+
+JPEG_STAGES = (
+    ("read_file", "read the file (page cache)"),
+    ("pil_decode", "PIL decode to RGB"),
+    ("resize", "resize (PIL, antialias)"),
+    ("to_tensor_normalise", "to tensor, float, normalise"),
+    ("dataset_image", "**the dataset's whole image path** (file to normalised tensor)"),
+    ("batch_in_process", "a worker's whole batch (rows, images, collate), per decoded image"),
+    ("torchvision_decode_cpu", "torchvision.io.decode_jpeg on CPU (instead of PIL decode)"),
+)
+
+
+def _md_jpeg(j: dict[str, Any]) -> list[str]:
+    d, x = j["data_set"], j["extrapolation"]
+    rows = [
+        [
+            str(r["num_workers"]),
+            _f(r["startup_s"], 2),
+            _f(r["questions_per_s"]),
+            _f(r["images_per_s"]),
+            _f(r["images_per_s_per_worker"]),
+            f"{r['per_worker_vs_one_worker']:.2f}",
+        ]
+        for r in j["rows"]
+    ]
+    header = ["workers", "start-up s", "questions/s", "images/s", "images/s per worker"]
+    stages = [[label, _f(j["stages_ms"][key], 2)] for key, label in JPEG_STAGES]
+    verdict = "clears" if x["clears_goal"] else "does **not** clear"
+    return [
+        f"### COCO-sized JPEGs through the VQA v2 loader ({j['image_size']} px)",
+        "",
+        f"`{j['config']}`: {d['images']} generated photo-like JPEGs of {d['width']}×{d['height']} "
+        f"(quality {d['jpeg_quality']}, {_f(d['jpeg_kib_mean'])} KiB mean), {d['questions']} "
+        f"questions, batches of {j['batch_size']} questions (image-grouped "
+        f"{j['group_by_image']}). {j['note']}.",
+        "",
+        *_table([*header, "per worker vs 1 worker"], "rrrrrr", rows),
+        "",
+        f"Where a worker's time goes, ms per image ({_f(j['in_process_images_per_s'])} images/s "
+        "for the whole path in-process):",
+        "",
+        *_table(["stage", "ms/image"], "lr", stages),
+        "",
+        f"{x['basis'].capitalize()} took {_f(j['one_worker_ms_per_image'], 2)} ms per decoded "
+        "image: beyond a worker's whole batch in-process, that is the batch's handover to the "
+        "main process (shared memory), plus the drift between separately timed runs.",
+        "",
+        f"**Extrapolation, not a measurement:** {_f(x['per_worker_images_per_s'])} images/s per "
+        f"worker ({x['basis']}) × {x['workers']} workers × {x['questions_per_image']} questions "
+        f"per image (VQA v2) = **{_f(x['questions_per_s'], 0)} questions/s**, which {verdict} the "
+        f"{_f(x['goal_questions_per_s'], 0)} questions/s goal. The same at the recipe's "
+        f"num_workers={x['recipe_workers']}: {_f(x['recipe_workers_questions_per_s'], 0)}; at "
+        f"the per-worker rate of the {x['slowest_row_workers']}-worker row (the slowest): "
+        f"{_f(x['slowest_row_questions_per_s'], 0)}; from "
+        f"the row's own questions/s ({x['measured_questions_per_decode']:.2f} questions per "
+        f"decode here) × {x['workers']}: {_f(x['from_row_questions_per_s'], 0)}; from "
+        f"the in-process cost alone (no collate, no transfer between processes): "
+        f"{_f(x['in_process_questions_per_s'], 0)}. Assumes {x['assumes']}.",
     ]
 
 

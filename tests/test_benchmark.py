@@ -95,6 +95,8 @@ def test_quick_report_has_every_section_and_consistent_ratios(quick_report) -> N
             r["loader_samples_per_s"] / r["model_samples_per_s"], rel=1e-12
         )
 
+    check_jpeg_loader(pipeline["jpeg"], md)
+
     scaling = report["scaling"]["rows"]
     settings = {(s["grid"], s["length"]) for s in report["scaling"]["settings"]}
     assert settings == {(2, 4), (4, 4), (2, 8)}
@@ -118,6 +120,57 @@ def test_quick_report_has_every_section_and_consistent_ratios(quick_report) -> N
 
     check_gpu_smoke(report["gpu"], md)
     check_ops(report["ops"], md, fusions_run, report["meta"]["quickstart"]["fusion"])
+
+
+def check_jpeg_loader(jpeg: dict, md: str) -> None:
+    """The data=vqav2 loader rows on COCO-sized JPEGs, and an extrapolation that is exactly its
+    formula of the measured values."""
+    data = jpeg["data_set"]
+    assert (data["images"], data["width"], data["height"]) == (16, 640, 480)
+    assert data["questions"] == 16 * 5
+    # photo-like content: flat shapes alone would compress to a fraction of this
+    assert data["jpeg_kib_mean"] > 60
+    assert jpeg["image_size"] == 448 and jpeg["batch_size"] == 64 and jpeg["group_by_image"]
+    rows = jpeg["rows"]
+    assert [r["num_workers"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["questions"] == data["questions"] * r["epochs"]  # each question once an epoch
+        assert r["images"] >= data["images"] * r["epochs"]  # straddling images decode twice
+        assert r["questions_per_s"] == pytest.approx(r["questions"] / r["seconds"], rel=1e-12)
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"], rel=1e-12)
+        assert r["images_per_s_per_worker"] == pytest.approx(
+            r["images_per_s"] / r["num_workers"], rel=1e-12
+        )
+        assert r["startup_s"] > 0 and r["questions_per_s"] > r["images_per_s"] > 0
+    assert min(jpeg["stages_ms"].values()) > 0
+    assert jpeg["in_process_images_per_s"] == pytest.approx(
+        1000 / jpeg["stages_ms"]["dataset_image"], rel=1e-12
+    )
+    assert jpeg["one_worker_ms_per_image"] == pytest.approx(
+        1000 / rows[0]["images_per_s"], rel=1e-12
+    )
+
+    x = jpeg["extrapolation"]
+    per_worker = rows[0]["images_per_s"]
+    assert x["per_worker_images_per_s"] == per_worker
+    assert (x["workers"], x["questions_per_image"], x["goal_questions_per_s"]) == (16, 5.4, 3000)
+    assert x["questions_per_s"] == pytest.approx(per_worker * 16 * 5.4, rel=1e-12)
+    assert x["clears_goal"] == (x["questions_per_s"] >= 3000)
+    assert x["recipe_workers"] == 8  # experiment=vqav2_resnet101_bert's data.num_workers
+    assert x["recipe_workers_questions_per_s"] == pytest.approx(per_worker * 8 * 5.4, rel=1e-12)
+    slowest = min(r["images_per_s_per_worker"] for r in rows)
+    assert x["slowest_row_questions_per_s"] == pytest.approx(slowest * 16 * 5.4, rel=1e-12)
+    assert x["slowest_row_questions_per_s"] <= x["questions_per_s"]
+    assert x["from_row_questions_per_s"] == pytest.approx(
+        rows[0]["questions_per_s"] * 16, rel=1e-12
+    )
+    assert x["in_process_questions_per_s"] == pytest.approx(
+        jpeg["in_process_images_per_s"] * 16 * 5.4, rel=1e-12
+    )
+    assert "**Extrapolation, not a measurement:**" in md
+    assert f"**{bench._f(x['questions_per_s'], 0)} questions/s**" in md
+    for r in rows:
+        assert f"| {r['num_workers']} | {bench._f(r['startup_s'], 2)} |" in md
 
 
 def check_gpu_smoke(gpu: dict, md: str) -> None:

@@ -24,6 +24,7 @@ parameter's step count with ``.item()``, but those counts live on the CPU on eve
 from __future__ import annotations
 
 import importlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -44,6 +45,9 @@ from vqa.utils.op_counter import StepOps, count_ops
 FUSIONS = sorted(p.stem for p in (ROOT / "configs" / "fusion").glob("*.yaml"))
 # The default modality dropout, spelled out: the masks must stay on the device.
 DROPOUT = ["module.image_dropout=0.1", "module.question_dropout=0.1"]
+# VQA_TEST_DEVICE=cuda (scripts/gpu_check.sh on a lent GPU): the same steps on the GPU, where
+# the counter also sees copies from the device to the host.
+DEVICE = ["trainer.accelerator=gpu"] if os.environ.get("VQA_TEST_DEVICE") == "cuda" else []
 FOREACH = "+module.optimizer.foreach=true"
 FUSED = "module.optimizer.fused=true"
 
@@ -91,7 +95,7 @@ def count_one_training_batch(
 ) -> StepOps:
     """One batch of a fit, as users run it, counted by :class:`CountOneBatch`."""
     cfg = compose_config(
-        "train", [*TINY_OVERRIDES, *TINY_DATA_OVERRIDES, *overrides], tmp_path, data_dir
+        "train", [*TINY_OVERRIDES, *TINY_DATA_OVERRIDES, *overrides, *DEVICE], tmp_path, data_dir
     )
     GlobalHydra.instance().clear()
     counter = CountOneBatch()
@@ -208,6 +212,7 @@ def test_a_whole_training_iteration_with_the_shipped_callbacks_has_no_host_sync(
             "trainer.log_every_n_steps=50",
             "data.batch_size=4",
             "data.num_workers=2",  # as users run it; the collator then runs in the workers
+            *DEVICE,
         ],
         tmp_path,
         shared_data_dir,
