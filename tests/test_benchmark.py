@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from scripts import benchmark as bench
+from tests.helpers import ROOT
 from vqa.models.head import MLPHead
 from vqa.train import build_components
 from vqa.utils.op_counter import count_ops
@@ -156,8 +157,11 @@ def check_jpeg_loader(jpeg: dict, md: str) -> None:
     assert (x["workers"], x["questions_per_image"], x["goal_questions_per_s"]) == (16, 5.4, 3000)
     assert x["questions_per_s"] == pytest.approx(per_worker * 16 * 5.4, rel=1e-12)
     assert x["clears_goal"] == (x["questions_per_s"] >= 3000)
-    assert x["recipe_workers"] == 8  # experiment=vqav2_resnet101_bert's data.num_workers
-    assert x["recipe_workers_questions_per_s"] == pytest.approx(per_worker * 8 * 5.4, rel=1e-12)
+    recipe = OmegaConf.load(ROOT / "configs" / "experiment" / "vqav2_resnet101_bert.yaml")
+    assert x["recipe_workers"] == recipe.data.num_workers
+    assert x["recipe_workers_questions_per_s"] == pytest.approx(
+        per_worker * recipe.data.num_workers * 5.4, rel=1e-12
+    )
     slowest = min(r["images_per_s_per_worker"] for r in rows)
     assert x["slowest_row_questions_per_s"] == pytest.approx(slowest * 16 * 5.4, rel=1e-12)
     assert x["slowest_row_questions_per_s"] <= x["questions_per_s"]
