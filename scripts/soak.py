@@ -41,17 +41,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `scripts.benchmark` when run as `python scripts/soak.py`
+if str(ROOT) not in sys.path:  # `scripts.bench` when run as `python scripts/soak.py`
     sys.path.insert(0, str(ROOT))
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from scripts.benchmark import (  # noqa: E402
+from scripts.bench.common import (  # noqa: E402
     TINY,
-    _f,
-    _table,
     compose_config,
     describe,
     machine_busy_seconds,
@@ -59,6 +57,7 @@ from scripts.benchmark import (  # noqa: E402
     quieted,
     rss_mib,
 )
+from scripts.bench.report import _f, _table  # noqa: E402
 from scripts.extract_features import extract  # noqa: E402
 from vqa.train import train  # noqa: E402
 from vqa.utils import apply_extras, set_project_root  # noqa: E402

@@ -16,7 +16,24 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts import benchmark as bench
+from scripts.bench import cli
+from scripts.bench.common import (
+    GPU_ROWS,
+    SECTIONS,
+    TINY,
+    TensorMemoryTracker,
+    bare_fit,
+    collect_batches,
+    compose_config,
+    describe,
+    in_memory_loader,
+    lightning_fit,
+    state_tensors,
+)
+from scripts.bench.fusions import run_specs
+from scripts.bench.gpu import count_flops, fit_line
+from scripts.bench.ops import OpsWindow, count_phases, ops_summary
+from scripts.bench.report import _f, _n
 from tests.helpers import ROOT
 from vqa.models.head import MLPHead
 from vqa.train import build_components
@@ -25,18 +42,16 @@ from vqa.utils.project import CONFIG_DIR
 
 
 def tiny_cfg(tmp_path: Path, data_dir: Path, *overrides: str):
-    return bench.compose_config(
-        [*bench.TINY, f"paths.data_dir={data_dir}", *overrides], tmp_path / "run"
-    )
+    return compose_config([*TINY, f"paths.data_dir={data_dir}", *overrides], tmp_path / "run")
 
 
 @pytest.fixture
 def quick_report(tmp_path: Path, shared_data_dir: Path) -> tuple[dict, str, list[str]]:
     # the quick-start's own fusion (the pipeline section's) and a cheap one
-    default = bench.describe(bench.compose_config(bench.TINY, tmp_path / "cfg"))["fusion"]
+    default = describe(compose_config(TINY, tmp_path / "cfg"))["fusion"]
     fusions = sorted({default, "late"})
     out = tmp_path / "bench"
-    report = bench.main(
+    report = cli.main(
         [
             "--quick",
             "--gpu-smoke",
@@ -57,7 +72,7 @@ def quick_report(tmp_path: Path, shared_data_dir: Path) -> tuple[dict, str, list
 
 def test_quick_report_has_every_section_and_consistent_ratios(quick_report) -> None:
     report, md, fusions_run = quick_report
-    assert set(bench.SECTIONS) <= set(report)
+    assert set(SECTIONS) <= set(report)
     for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
         assert heading in md
 
@@ -172,9 +187,9 @@ def check_jpeg_loader(jpeg: dict, md: str) -> None:
         jpeg["in_process_images_per_s"] * 16 * 5.4, rel=1e-12
     )
     assert "**Extrapolation, not a measurement:**" in md
-    assert f"**{bench._f(x['questions_per_s'], 0)} questions/s**" in md
+    assert f"**{_f(x['questions_per_s'], 0)} questions/s**" in md
     for r in rows:
-        assert f"| {r['num_workers']} | {bench._f(r['startup_s'], 2)} |" in md
+        assert f"| {r['num_workers']} | {_f(r['startup_s'], 2)} |" in md
 
 
 def check_gpu_smoke(gpu: dict, md: str) -> None:
@@ -204,7 +219,7 @@ def check_gpu_smoke(gpu: dict, md: str) -> None:
     sweep = [r for r in rows if r["row"] == "sweep"]
     assert [(r["images"], r["questions"]) for r in sweep] == [(2, 2), (4, 4), (8, 8)]
     assert sweep[0]["flops_per_step"] < sweep[1]["flops_per_step"] < sweep[2]["flops_per_step"]
-    fixed, per_image = bench.fit_line([(r["images"], r["step_ms"]) for r in sweep])
+    fixed, per_image = fit_line([(r["images"], r["step_ms"]) for r in sweep])
     assert gpu["summary"]["fixed_cost"]["fixed_ms"] == pytest.approx(fixed)
     assert gpu["summary"]["fixed_cost"]["ms_per_image"] == pytest.approx(per_image)
     (grouped,) = [r for r in rows if r["row"] == "grouped"]
@@ -254,7 +269,7 @@ def check_ops(ops: dict, md: str, fusions_run: list[str], default: str) -> None:
         counts = [n for _, n in r["top_ops"]]
         assert len(counts) == 10 and counts == sorted(counts, reverse=True)
         assert counts[0] <= r["kernels"]
-        assert f"| {r['fusion']} | {r['loop']} | {bench._n(r['kernels'])} |" in md
+        assert f"| {r['fusion']} | {r['loop']} | {_n(r['kernels'])} |" in md
     for fusion in fusions_run:
         by_loop = {r["loop"]: r for r in ops["rows"] if r["fusion"] == fusion}
         # training_step runs what the bare forward runs, plus its metrics and logging
@@ -266,10 +281,10 @@ def check_ops(ops: dict, md: str, fusions_run: list[str], default: str) -> None:
 
 def test_ops_summary_counts_phases_and_a_deliberate_host_sync() -> None:
     x = torch.randn(8, 8, requires_grad=True)
-    phases = bench.count_phases(
+    phases = count_phases(
         [("compute", lambda: (x @ x).relu().sum().backward()), ("read", lambda: x.sum().item())]
     )
-    summary = bench.ops_summary(phases)
+    summary = ops_summary(phases)
     with count_ops() as read:
         x.sum().item()
     assert summary["phase_host_syncs"] == {"compute": 0, "read": read.host_syncs}
@@ -277,7 +292,7 @@ def test_ops_summary_counts_phases_and_a_deliberate_host_sync() -> None:
     assert summary["phases"]["read"] == read.kernels
     assert summary["kernels"] == sum(p.kernels for p in phases.values())
     # averaged over steps
-    assert bench.ops_summary(phases, steps=2)["kernels"] == summary["kernels"] / 2
+    assert ops_summary(phases, steps=2)["kernels"] == summary["kernels"] / 2
 
 
 class _Syncing(pl.LightningModule):
@@ -300,7 +315,7 @@ class _Syncing(pl.LightningModule):
 
 @pytest.mark.parametrize("sync", [False, True])
 def test_ops_window_counts_the_asked_steps_by_phase(tmp_path: Path, sync: bool) -> None:
-    counter = bench.OpsWindow(first=1, steps=2)
+    counter = OpsWindow(first=1, steps=2)
     trainer = pl.Trainer(
         max_steps=4,
         logger=False,
@@ -311,32 +326,32 @@ def test_ops_window_counts_the_asked_steps_by_phase(tmp_path: Path, sync: bool) 
         default_root_dir=tmp_path,
     )
     batches = [torch.randn(2, 4) for _ in range(4)]
-    trainer.fit(_Syncing(sync), train_dataloaders=bench.in_memory_loader(batches))
+    trainer.fit(_Syncing(sync), train_dataloaders=in_memory_loader(batches))
     phases = [phase for phase, _ in counter.records]
     assert phases == ["forward", "backward", "optimizer"] * 2
-    summary = bench.ops_summary(counter.phases, steps=2)
+    summary = ops_summary(counter.phases, steps=2)
     assert summary["phases"]["backward"] > 0 and summary["phases"]["optimizer"] > 0
     # .item() in training_step: one host read and its _local_scalar_dense, in the forward phase
     assert summary["phase_host_syncs"]["forward"] == (2 if sync else 0)
 
 
 def test_fit_line_recovers_a_line() -> None:
-    assert bench.fit_line([(4, 14.0), (32, 28.0), (128, 76.0)]) == pytest.approx((12.0, 0.5))
+    assert fit_line([(4, 14.0), (32, 28.0), (128, 76.0)]) == pytest.approx((12.0, 0.5))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the skip message is for CPU-only machines")
 def test_gpu_section_records_each_row_as_skipped_without_cuda(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    report = bench.main(["--quick", "--sections", "gpu", "--threads", "1", "--out", str(out)])
+    report = cli.main(["--quick", "--sections", "gpu", "--threads", "1", "--out", str(out)])
     rows = report["gpu"]["rows"]
-    assert [r["row"] for r in rows] == list(bench.GPU_ROWS)
+    assert [r["row"] for r in rows] == list(GPU_ROWS)
     for r in rows:
         assert r["skipped"].startswith("no CUDA device") and "--gpu-smoke" in r["skipped"]
     assert json.loads((out / "benchmark.json").read_text())["gpu"]["rows"] == rows
     md = (out / "benchmark.md").read_text()
-    assert md.count("| skipped: no CUDA device") == len(bench.GPU_ROWS)
+    assert md.count("| skipped: no CUDA device") == len(GPU_ROWS)
     # --gpu-rows keeps the order of GPU_ROWS whatever the order asked
-    report = bench.main(
+    report = cli.main(
         ["--quick", "--sections", "gpu", "--gpu-rows", "graphs", "sweep", "--out", str(out)]
     )
     assert [r["row"] for r in report["gpu"]["rows"]] == ["sweep", "graphs"]
@@ -352,18 +367,18 @@ def test_bare_loop_ends_with_the_weights_of_the_lightning_run(
     cfg = tiny_cfg(tmp_path, shared_data_dir, f"trainer.precision={precision}")
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule, module = build_components(cfg)
-    batches = bench.collect_batches(datamodule, 5)
+    batches = collect_batches(datamodule, 5)
     initial = copy.deepcopy(module.state_dict())
 
     torch.manual_seed(7)
-    bench.lightning_fit(cfg, module, batches, tmp_path / "lightning")
+    lightning_fit(cfg, module, batches, tmp_path / "lightning")
     lightning = copy.deepcopy(module.state_dict())
     assert (tmp_path / "lightning" / "checkpoints" / "last.ckpt").is_file()
 
     def bare(seed: int) -> dict[str, torch.Tensor]:
         module.load_state_dict(initial)
         torch.manual_seed(seed)
-        bench.bare_fit(
+        bare_fit(
             module,
             batches,
             clip_val=cfg.trainer.gradient_clip_val,
@@ -389,7 +404,7 @@ def test_flop_count_matches_the_analytic_count_of_the_answer_head() -> None:
     head = MLPHead(width, answers, hidden_dim=hidden, dropout=0.0)
     features = torch.randn(batch, width, requires_grad=True)
 
-    flops = bench.count_flops(lambda: head(features).sum().backward())
+    flops = count_flops(lambda: head(features).sum().backward())
     # two Linear layers: forward 2*B*in*out each; backward the same twice (input and weight grads)
     assert flops == 6 * batch * (width * hidden + hidden * answers)
 
@@ -410,12 +425,12 @@ def test_flop_count_sees_cpu_fused_attention() -> None:
     # forward: Q K^T and P V, 2*B*H*L*S*D each; backward: 5 such products (recomputed scores,
     # dV, dP, dQ, dK)
     product = 2 * 2 * 3 * 5 * 5 * 8
-    assert bench.count_flops(step) == 7 * product
+    assert count_flops(step) == 7 * product
 
 
 def test_memory_tracker_counts_live_storages_at_their_peak() -> None:
     params = nn.Linear(100, 10)
-    with bench.TensorMemoryTracker(bench.state_tensors(params)) as tracker:
+    with TensorMemoryTracker(state_tensors(params)) as tracker:
         a = torch.ones(1000)  # 4000 bytes
         b = torch.zeros(2000)  # + 8000
         view = b[:10]  # a view allocates nothing
@@ -434,12 +449,12 @@ def test_isolated_run_reports_its_own_peak_rss(tmp_path: Path, shared_data_dir: 
     """A fresh forkserver child per configuration: ru_maxrss is that configuration's peak."""
     tiny_cfg(tmp_path, shared_data_dir)  # generates the tiny set in the shared folder
     spec = {
-        "overrides": [*bench.TINY, f"paths.data_dir={shared_data_dir}", "fusion=late"],
+        "overrides": [*TINY, f"paths.data_dir={shared_data_dir}", "fusion=late"],
         "threads": 1,
         "device": "cpu",
         "warmup": 1,
         "steps": 1,
     }
-    (result,) = bench.run_specs([spec], isolate=True)
+    (result,) = run_specs([spec], isolate=True)
     assert result["samples_per_s"] > 0
     assert result["peak_rss_mib"] >= result["rss_increase_mib"] > 0
