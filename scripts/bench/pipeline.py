@@ -29,13 +29,19 @@ from vqa.data.shapes import ShapesConfig, generate
 # ------------------------------------------------------------------------------- section 3
 
 
-def loader_rate(overrides: Sequence[str], batches: int, workdir: Path) -> dict[str, Any]:
-    """Samples/s of the training loader alone (worker start-up reported apart)."""
+def fit_datamodule(overrides: Sequence[str], workdir: Path) -> pl.LightningDataModule:
+    """The composed run's data module, seeded and set up for fitting as ``train.py`` does."""
     cfg = compose_config(overrides, workdir)
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    return datamodule
+
+
+def loader_rate(overrides: Sequence[str], batches: int, workdir: Path) -> dict[str, Any]:
+    """Samples/s of the training loader alone (worker start-up reported apart)."""
+    datamodule = fit_datamodule(overrides, workdir)
     loader = datamodule.train_dataloader()
     begin = time.perf_counter()
     iterator = iter(loader)
@@ -54,7 +60,7 @@ def loader_rate(overrides: Sequence[str], batches: int, workdir: Path) -> dict[s
     del iterator, loader
     gc.collect()
     return {
-        "num_workers": int(cfg.data.num_workers),
+        "num_workers": datamodule.num_workers,
         "startup_s": first - begin,
         "samples_per_s": samples / seconds,
     }
@@ -155,11 +161,7 @@ def jpeg_loader_rate(overrides: Sequence[str], epochs: int, workdir: Path) -> di
     The idle tail of a worker at each epoch's end counts against the rate, so epochs of a few
     batches understate it rather than overstate it.
     """
-    cfg = compose_config(overrides, workdir)
-    pl.seed_everything(cfg.seed, verbose=False)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = fit_datamodule(overrides, workdir)
     loader = datamodule.train_dataloader()
     begin = time.perf_counter()
     first = None
@@ -175,7 +177,7 @@ def jpeg_loader_rate(overrides: Sequence[str], epochs: int, workdir: Path) -> di
             images += int(batch.images.shape[0])
             batches += 1
     seconds = time.perf_counter() - start
-    workers = int(cfg.data.num_workers)
+    workers = datamodule.num_workers
     result = {
         "num_workers": workers,
         "startup_s": (first or start) - begin,
