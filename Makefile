@@ -32,15 +32,15 @@ install: $(STAMP) ## Create .venv from uv.lock (idempotent)
 # The quick-start reads its frozen ResNet's maps from the feature cache: the first run writes
 # it (about 20 s), later runs find it complete and go straight to training.
 train: $(STAMP) ## Train the quick-start experiment on the embedded synthetic data (ARGS=overrides)
-	$(PYTHON) scripts/extract_features.py experiment=quickstart extract.progress=false $(ARGS)
+	$(PYTHON) -m vqa.cli.extract experiment=quickstart extract.progress=false $(ARGS)
 	$(PYTHON) train.py experiment=quickstart $(ARGS)
 
 eval: $(STAMP) ## Evaluate a checkpoint: make eval CKPT=path/to.ckpt [ARGS=...]
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/checkpoint.ckpt [ARGS='data=vqav2 data.root=...']"; exit 2; }
-	$(PYTHON) -m vqa.eval ckpt_path=$(CKPT) $(ARGS)
+	$(PYTHON) -m vqa.cli.eval ckpt_path=$(CKPT) $(ARGS)
 
 sweep: $(STAMP) ## Small fusion comparison on the synthetic set (Hydra multirun)
-	$(PYTHON) scripts/extract_features.py experiment=quickstart extract.progress=false
+	$(PYTHON) -m vqa.cli.extract experiment=quickstart extract.progress=false
 	$(PYTHON) train.py -m experiment=sweep_fusions $(ARGS)
 	$(PYTHON) scripts/summarize_sweep.py logs/sweep_fusions/multiruns
 

@@ -1,6 +1,6 @@
-"""`python train.py fusion=parallel`: thin shim over the package entry point `vqa.train`."""
+"""`python train.py fusion=parallel`: thin shim over the package entry point `vqa.cli.train`."""
 
-from vqa.train import main
+from vqa.cli.train import main
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@
 #   3. host_syncs pytest tests/test_host_syncs.py with VQA_TEST_DEVICE=cuda                (60)
 #   4. graphs     eager vs torch.compile(mode="reduce-overhead") (CUDA graphs), last of the
 #                 long steps: compiling ResNet-101 + bert-base takes minutes              (240)
-#   5. eval       python -m vqa.eval on step 2's checkpoint: questions/s on the val split  (60)
+#   5. eval       python -m vqa.cli.eval on step 2's checkpoint: questions/s on the val split  (60)
 #   6. ops        scripts/benchmark.py --sections ops on the device: aten ops and host syncs
 #                 per training step, per fusion block                                      (60)
 # Results: $OUT/<step>/ (benchmark.json/.md, metrics.json, ...), $OUT/<step>.log, and
@@ -139,7 +139,7 @@ grep -i "skipping cudagraphs" "$OUT/graphs.log" 2> /dev/null | sort | uniq -c | 
 # 5. inference throughput of the checkpoint step 2 wrote
 CKPT=$WORK/e2e/run/checkpoints/last.ckpt
 if [[ -f $CKPT ]]; then
-  step eval 60 "$PY" -m vqa.eval "ckpt_path=$CKPT" "trainer=$TRAINER" \
+  step eval 60 "$PY" -m vqa.cli.eval "ckpt_path=$CKPT" "trainer=$TRAINER" \
     "paths.output_dir=$OUT/eval" extras.print_config=false
   [[ -f $OUT/eval/metrics.json ]] && head -c 600 "$OUT/eval/metrics.json" && echo
 else

@@ -3,9 +3,9 @@
 VQA's answer types lump different skills together ("other" holds both "what color is the
 triangle?" and the relational "what color is the shape left of the red circle?"). The shapes
 generator knows which template wrote each question, so this splits the official per-question
-scores (``vqa.evaluation``) by family::
+scores (``vqa.official_scorer``) by family::
 
-    python -m vqa.eval ckpt_path=<run>/checkpoints/best.ckpt        # writes <eval run>/*results.json
+    python -m vqa.cli.eval ckpt_path=<run>/checkpoints/best.ckpt        # writes <eval run>/*results.json
     python scripts/shapes_breakdown.py parallel=<eval run> late=<other eval run> \\
         [--root data/shapes --split val2014 --out table.md]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vqa.data.layout import split_layout
 from vqa.data.shapes import FAMILIES, family_of
-from vqa.evaluation import evaluate_results
+from vqa.official_scorer import evaluate_results
 
 ANSWER_TYPES = ("yes/no", "number", "other")
 

@@ -6,7 +6,7 @@ time, to see leaks and slow-downs that a few epochs hide.
     python scripts/soak.py --tiny --minutes 0.2 --interval-seconds 1 --warmup-minutes 0.05
 
 Like `make train`, it first builds (or finds complete) the quick-start's feature cache with
-scripts/extract_features.py's code, then fits in this process with `trainer.max_time` set to
+`vqa.cli.extract`'s code, then fits in this process with `trainer.max_time` set to
 ``--minutes`` and `trainer.max_epochs` large, so epochs repeat until the time is up. The LR
 schedule spans that epoch budget, so it stays near its start: neither memory nor step time
 depends on the learning rate. There is no test stage and no progress bar (it would break the
@@ -58,8 +58,8 @@ from scripts.bench.common import (  # noqa: E402
     rss_mib,
 )
 from scripts.bench.report import _f, _table  # noqa: E402
-from scripts.extract_features import extract  # noqa: E402
-from vqa.train import train  # noqa: E402
+from vqa.cli.extract import extract  # noqa: E402
+from vqa.cli.train import train  # noqa: E402
 from vqa.utils import apply_extras, set_project_root  # noqa: E402
 
 try:
@@ -218,7 +218,7 @@ class SoakMonitor(pl.Callback):
         self.on_row(row)
 
 
-# The soak's own instance reaches vqa.train through the callbacks config (`_target_` below), so
+# The soak's own instance reaches vqa.cli.train through the callbacks config (`_target_` below), so
 # the fit runs exactly as train.py's, with no second code path.
 _ACTIVE: SoakMonitor | None = None
 

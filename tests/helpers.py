@@ -77,7 +77,7 @@ def train_multirun_in_process(
 ) -> Path:
     """``python train.py -m ARGS`` in this process (Hydra's basic launcher runs the jobs in
     turn; a job's error is raised, not turned into an exit code); returns the sweep folder."""
-    from vqa.train import main
+    from vqa.cli.train import main
 
     sweep = tmp_path / "sweep"
     argv = [
@@ -132,7 +132,7 @@ def fit_steps(
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from vqa.train import build_components
+    from vqa.cli.train import build_components
 
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule, module = build_components(cfg)

@@ -35,8 +35,8 @@ from scripts.bench.gpu import count_flops, fit_line
 from scripts.bench.ops import OpsWindow, count_phases, ops_summary
 from scripts.bench.report import _f, _n
 from tests.helpers import ROOT
+from vqa.cli.train import build_components
 from vqa.models.head import MLPHead
-from vqa.train import build_components
 from vqa.utils.op_counter import count_ops
 from vqa.utils.project import CONFIG_DIR
 

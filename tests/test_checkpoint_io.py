@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from tests.helpers import CONFIG_DIR, ROOT, compose_config
 from vqa.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files, temp_path_for
-from vqa.train import train
+from vqa.cli.train import train
 
 TENSORS, NUMEL = 8, 1_000_000  # 32 MB: the write takes long enough to be killed inside
 TRAINER_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))

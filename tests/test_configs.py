@@ -68,7 +68,7 @@ def test_every_group_has_options() -> None:
 def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
     overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
     composed = compose_config("train", overrides, tmp_path)
-    # resolved copy without the (read-only) hydra node, as vqa.train sees it
+    # resolved copy without the (read-only) hydra node, as vqa.cli.train sees it
     cfg = OmegaConf.create(
         {
             key: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

@@ -16,13 +16,13 @@ from omegaconf import open_dict
 from torch.utils.data import DistributedSampler
 
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from vqa.cli.train import train
 from vqa.data.batch import VQABatch
 from vqa.data.datamodule import VQADataModule
 from vqa.data.samplers import DistributedImageGroupedSampler
 from vqa.data.shapes import is_current
 from vqa.data.sources import ShapesSource
 from vqa.data.table import column
-from vqa.train import train
 
 # ------------------------------------------------------------------------------------ sampler
 

@@ -1,4 +1,4 @@
-"""Checkpoint evaluation (`python -m vqa.eval`) and checkpoint loading (`vqa.checkpoint`) on a
+"""Checkpoint evaluation (`python -m vqa.cli.eval`) and checkpoint loading (`vqa.checkpoint`) on a
 tiny trained checkpoint: its numbers against the offline evaluator and the training run's own
 test metric, the EvalAI files, data overrides, and every way a checkpoint can be unusable."""
 
@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 
 from tests.helpers import CONFIG_DIR, ROOT, compose_config
 from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun, tiny_run
-from vqa import eval as vqa_eval
 from vqa.checkpoint import CheckpointError, load_checkpoint
-from vqa.eval import evaluate_checkpoint, resolve_data_config, results_file_name
-from vqa.evaluation import evaluate_results
+from vqa.cli import eval as vqa_eval
+from vqa.cli.eval import evaluate_checkpoint, resolve_data_config, results_file_name
+from vqa.official_scorer import evaluate_results
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,9 @@ def test_submission_on_unannotated_split_covers_every_question_once(
 def test_cli_writes_results_metrics_and_table(
     run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """`python -m vqa.eval ckpt_path=...` through Hydra, in process (no interpreter start-up)."""
+    """`python -m vqa.cli.eval ckpt_path=...` through Hydra, in process (no interpreter start-up)."""
     argv = [
-        "vqa.eval",
+        "vqa.cli.eval",
         f"ckpt_path={run.ckpt}",
         f"paths.log_dir={tmp_path}",
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -200,7 +200,7 @@ def test_ddp_gathers_both_ranks_predictions(run: TinyRun, tmp_path: Path) -> Non
     command = [
         sys.executable,
         "-m",
-        "vqa.eval",
+        "vqa.cli.eval",
         f"ckpt_path={run.ckpt}",
         f"hydra.run.dir={tmp_path / 'ddp'}",
         f"data.cache_dir={tmp_path / 'cache'}",

@@ -1,4 +1,4 @@
-"""Export (`python -m vqa.export`): ONNX parity with onnxruntime on new batch sizes and question
+"""Export (`python -m vqa.cli.export`): ONNX parity with onnxruntime on new batch sizes and question
 lengths, the safetensors round trip, and the files a consumer needs."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun, tiny_run
-from vqa import export as vqa_export
 from vqa.checkpoint import TrainedModel, build_model, load_checkpoint
-from vqa.export import (
+from vqa.cli import export as vqa_export
+from vqa.cli.export import (
     CONFIG_FILE,
     INPUT_NAMES,
     MIN_QUESTION_TOKENS,
@@ -33,7 +33,7 @@ from vqa.export import (
     export_onnx,
     load_safetensors_export,
 )
-from vqa.predict import Predictor
+from vqa.cli.predict import Predictor
 from vqa.utils.project import CONFIG_DIR
 
 TOP_K_FUSIONS = ["parallel", "alternating", "multihead", "cot", "hierarchical"]
@@ -53,9 +53,9 @@ def trained(run: TinyRun) -> TrainedModel:
 
 @pytest.fixture(scope="module")
 def onnx_dir(run: TinyRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`python -m vqa.export ckpt_path=... format=onnx`, through Hydra in process."""
+    """`python -m vqa.cli.export ckpt_path=... format=onnx`, through Hydra in process."""
     out = tmp_path_factory.mktemp("onnx")
-    argv = ["vqa.export", f"ckpt_path={run.ckpt}", "format=onnx", f"output_dir={out}"]
+    argv = ["vqa.cli.export", f"ckpt_path={run.ckpt}", "format=onnx", f"output_dir={out}"]
     argv.append(f"hydra.run.dir={out / 'hydra'}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", argv)

@@ -17,8 +17,9 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 import vqa.data.features as features_module
-from scripts.extract_features import extract
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from vqa.cli.extract import extract
+from vqa.cli.train import train
 from vqa.data.datamodule import VQADataModule
 from vqa.data.errors import DataError
 from vqa.data.features import (
@@ -31,7 +32,6 @@ from vqa.data.features import (
     encode_rows,
     split_images,
 )
-from vqa.train import train
 
 # Frozen encoder (what caching requires), one fast epoch, nothing written that is not checked.
 BASE = [
@@ -245,7 +245,7 @@ def test_cached_datamodule_checks_the_model_encoder(
     with open_dict(cfg):
         cfg.data.image_size = 32
         cfg.data.feature_dir = str(tmp_path / "nowhere")
-    with pytest.raises(FeatureStoreError, match=r"no feature store.*extract_features.py"):
+    with pytest.raises(FeatureStoreError, match=r"no feature store.*vqa.cli.extract"):
         cached_datamodule(cfg)
     with pytest.raises(InstantiationException, match=r"augment=false"):
         instantiate(cfg.data, augment=True)

@@ -1,7 +1,7 @@
 """A training step never makes the host wait for the device.
 
 Each case composes the training config as ``train.py`` does (tiny sizes, modality dropout on),
-builds the data module and the module with ``vqa.train.build_components``, and fits one batch
+builds the data module and the module with ``vqa.cli.train.build_components``, and fits one batch
 with a Trainer built from the run's trainer config (gradient clipping at 5.0). The operations
 are counted (``vqa.utils.op_counter``) from ``on_train_batch_start`` to ``on_train_batch_end``
 of that batch, i.e. everything Lightning runs for it in between: the module's
@@ -38,7 +38,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from tests.helpers import ROOT, TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config, fit_steps
-from vqa.train import build_components
+from vqa.cli.train import build_components
 from vqa.utils import instantiate_callbacks, instantiate_loggers
 from vqa.utils.op_counter import StepOps, count_ops
 

@@ -37,7 +37,7 @@ LR, WEIGHT_DECAY = 3e-4, 0.01
 
 @pytest.fixture
 def make_module(tmp_path: Path) -> Callable[..., VQALitModule]:
-    """Builds the module exactly as `vqa.train` does, from the composed default config."""
+    """Builds the module exactly as `vqa.cli.train` does, from the composed default config."""
     cfg = compose_config(
         "train",
         [*TINY_OVERRIDES, "model.visual.stages=[layer3]", f"module.optimizer.lr={LR}"],

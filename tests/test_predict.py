@@ -1,4 +1,4 @@
-"""Single-question prediction (`python -m vqa.predict`) and the attention figure."""
+"""Single-question prediction (`python -m vqa.cli.predict`) and the attention figure."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from tests.tiny_checkpoint import GRID, TinyRun, tiny_run
-from vqa import predict as vqa_predict
 from vqa.checkpoint import load_checkpoint
-from vqa.eval import build_datamodule
-from vqa.predict import Predictor, plot_attention
+from vqa.cli import predict as vqa_predict
+from vqa.cli.eval import build_datamodule
+from vqa.cli.predict import Predictor, plot_attention
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_cli_prints_answers_and_writes_the_attention_png(
     question = run.questions("val2014")[2]
     out = tmp_path / "figs" / "attention.png"
     argv = [
-        "vqa.predict",
+        "vqa.cli.predict",
         f"ckpt_path={run.ckpt}",
         f"image={run.image('val2014', question['image_id'])}",
         f"question={question['question']}",

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config, train_cli
-from vqa.train import train
+from vqa.cli.train import train
 from vqa.utils import apply_extras, drop_logger_only_callbacks
 
 

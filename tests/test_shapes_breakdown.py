@@ -10,7 +10,7 @@ import pytest
 from scripts.shapes_breakdown import main
 from vqa.data.layout import split_layout
 from vqa.data.shapes import ShapesConfig, family_of, generate
-from vqa.evaluation import evaluate_results
+from vqa.official_scorer import evaluate_results
 
 
 @pytest.fixture(scope="module")

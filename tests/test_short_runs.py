@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-import vqa.train
+import vqa.cli.train
 from tests.helpers import (
     TINY_DATA_OVERRIDES,
     TINY_OVERRIDES,
@@ -68,7 +68,7 @@ def test_multirun_trial_without_validation_fails_saying_why(
 def test_typo_under_a_sweeper_names_the_logged_metrics() -> None:
     metrics = {"val/acc": 0.5, "val/acc_best": 0.5, "train/loss_epoch": 1.0}
     with pytest.raises(KeyError) as error:
-        vqa.train.metric_value(metrics, "val/acc_bset", required=True, no_validation=None)
+        vqa.cli.train.metric_value(metrics, "val/acc_bset", required=True, no_validation=None)
     message = str(error.value)
     assert "although validation ran" in message
     assert "['train/loss_epoch', 'val/acc', 'val/acc_best']" in message
@@ -76,8 +76,8 @@ def test_typo_under_a_sweeper_names_the_logged_metrics() -> None:
 
 
 def test_single_run_without_the_metric_returns_none() -> None:
-    assert vqa.train.metric_value({}, "val/acc_best", required=False, no_validation="x") is None
-    assert vqa.train.metric_value({"val/acc": 0.5}, "val/acc", required=True) == 0.5
+    assert vqa.cli.train.metric_value({}, "val/acc_best", required=False, no_validation="x") is None
+    assert vqa.cli.train.metric_value({"val/acc": 0.5}, "val/acc", required=True) == 0.5
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_single_run_without_the_metric_returns_none() -> None:
     ],
 )
 def test_under_sweeper(hydra_cfg: dict[str, Any], sweeping: bool) -> None:
-    assert vqa.train.under_sweeper(OmegaConf.create(hydra_cfg)) is sweeping
+    assert vqa.cli.train.under_sweeper(OmegaConf.create(hydra_cfg)) is sweeping
 
 
 # ------------------------------------------------- why no validation ran, on a bare Lightning fit
@@ -155,7 +155,7 @@ def fit(tmp_path: Path, pause: float = 0.0, **trainer_kwargs: Any) -> pl.Trainer
     ],
 )  # fmt: skip
 def test_no_validation_reason(tmp_path: Path, trainer_kwargs: dict[str, Any], reason: str) -> None:
-    assert vqa.train.no_validation_reason(fit(tmp_path, **trainer_kwargs)) == reason
+    assert vqa.cli.train.no_validation_reason(fit(tmp_path, **trainer_kwargs)) == reason
 
 
 def test_no_validation_reason_max_time(tmp_path: Path) -> None:
@@ -164,11 +164,11 @@ def test_no_validation_reason_max_time(tmp_path: Path) -> None:
     trainer = fit(
         tmp_path, pause=0.3, max_time={"seconds": 1}, max_epochs=5, check_val_every_n_epoch=2
     )
-    reason = vqa.train.no_validation_reason(trainer)
+    reason = vqa.cli.train.no_validation_reason(trainer)
     assert reason is not None
     assert reason.startswith("the run stopped at max_time=0:00:01 after ")
     assert reason.endswith(" steps, before the first validation at step 8")
 
 
 def test_no_reason_when_validation_ran(tmp_path: Path) -> None:
-    assert vqa.train.no_validation_reason(fit(tmp_path, max_epochs=1)) is None
+    assert vqa.cli.train.no_validation_reason(fit(tmp_path, max_epochs=1)) is None

@@ -12,7 +12,6 @@ import matplotlib.image
 import pytest
 from omegaconf import OmegaConf
 
-from scripts.extract_features import extract
 from scripts.summarize_sweep import find_sweep, read_metrics, read_overrides, summarize
 from tests.helpers import (
     TINY_DATA_OVERRIDES,
@@ -20,6 +19,7 @@ from tests.helpers import (
     compose_config,
     train_multirun_in_process,
 )
+from vqa.cli.extract import extract
 
 # One short epoch per job, nothing written but the CSV logs the summary reads.
 JOB_OVERRIDES = [

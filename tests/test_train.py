@@ -9,8 +9,8 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from tests.helpers import CONFIG_DIR, TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from vqa.cli.train import build_components, metric_value, no_validation_reason, train
 from vqa.data.artifacts import artifacts_from_dict
-from vqa.train import build_components, metric_value, no_validation_reason, train
 
 FUSIONS = sorted(p.stem for p in (CONFIG_DIR / "fusion").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""Training features end to end through `vqa.train.train`: AMP, exact resume, modality dropout,
+"""Training features end to end through `vqa.cli.train.train`: AMP, exact resume, modality dropout,
 loggers (wandb offline, closing on a crash), gradient clipping, the LR schedule, the losses and
 the test stage. Tiny compositions on CPU (tests/helpers.py)."""
 
@@ -21,11 +21,11 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-import vqa.train
+import vqa.cli.train
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config, same_state
+from vqa.cli.train import build_components, train
 from vqa.data.answers import normalize_answer, vqa_accuracy
 from vqa.data.table import column
-from vqa.train import build_components, train
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -54,11 +54,16 @@ def train_with(
     loggers: Sequence[Logger] = (),
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """`train(cfg)` with extra callback/logger instances the test keeps hold of."""
-    make_callbacks, make_loggers = vqa.train.instantiate_callbacks, vqa.train.instantiate_loggers
-    monkeypatch.setattr(
-        vqa.train, "instantiate_callbacks", lambda c: [*make_callbacks(c), *callbacks]
+    make_callbacks, make_loggers = (
+        vqa.cli.train.instantiate_callbacks,
+        vqa.cli.train.instantiate_loggers,
     )
-    monkeypatch.setattr(vqa.train, "instantiate_loggers", lambda c: [*make_loggers(c), *loggers])
+    monkeypatch.setattr(
+        vqa.cli.train, "instantiate_callbacks", lambda c: [*make_callbacks(c), *callbacks]
+    )
+    monkeypatch.setattr(
+        vqa.cli.train, "instantiate_loggers", lambda c: [*make_loggers(c), *loggers]
+    )
     return train(cfg)
 
 
@@ -548,7 +553,7 @@ def test_unannotated_test_split_skips_test_with_a_log_line(
         "trainer.fast_dev_run=true",
         test=True,
     )
-    with caplog.at_level(logging.WARNING, logger="vqa.train"):
+    with caplog.at_level(logging.WARNING, logger="vqa.cli.train"):
         metrics, objects = train(cfg)
     assert not objects["datamodule"].tables["test2015"].annotated
     assert "val/acc" in metrics and not any(k.startswith("test/") for k in metrics)

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
-from vqa.train import train
+from vqa.cli.train import train
 
 # 64 px images through ResNet-18 up to layer3: a 4x4 attention grid worth plotting (at the
 # tiny 32 px the last stage is 1x1), still a few seconds of training.

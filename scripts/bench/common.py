@@ -648,7 +648,7 @@ def machine_busy_seconds() -> float | None:
 
 def build_feature_store(sizes: Sizes, workdir: Path, threads: int) -> dict[str, Any]:
     """The frozen encoder's training-split store, written by the project's extractor."""
-    from scripts.extract_features import extract
+    from vqa.cli.extract import extract
 
     feature_dir = workdir / "features"
     cfg = compose_config(

@@ -32,7 +32,7 @@ from scripts.bench.common import (
     synchronize,
     to_device,
 )
-from vqa.train import build_components
+from vqa.cli.train import build_components
 
 # ------------------------------------------------------------------------------- section 1
 
@@ -108,7 +108,7 @@ def _forkserver_pool() -> ProcessPoolExecutor:
     """One fresh process per task, forked from a server that only imported the libraries: no
     configuration's memory or threads leak into the next, and each skips ~20 s of imports."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "pytorch_lightning", "transformers", "vqa.train"])
+    ctx.set_forkserver_preload(["torch", "pytorch_lightning", "transformers", "vqa.cli.train"])
     return ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
 
 

@@ -20,8 +20,8 @@ from scripts.bench.common import (
     log,
     to_device,
 )
+from vqa.cli.train import build_components
 from vqa.data.batch import VQABatch
-from vqa.train import build_components
 from vqa.utils.op_counter import StepOps, count_ops
 
 # ------------------------------------------------------------------------------- section 6

@@ -21,7 +21,7 @@ from scripts.bench.common import (
     log,
     steady_rate,
 )
-from vqa.train import build_components
+from vqa.cli.train import build_components
 
 # ------------------------------------------------------------------------------- section 2
 

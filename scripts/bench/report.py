@@ -46,7 +46,7 @@ def _md_fusions(s: dict[str, Any]) -> list[str]:
         f"{s['timed_steps']} timed after {s['warmup_steps']} warm-up, batches already in memory; "
         f"samples = questions. Cached: {s['cached_note']}; the store "
         f"({store['images']} images, {_f(store['kib_per_image'])} KiB each) was written by "
-        f"scripts/extract_features.py at {_f(store['extract_images_per_s'])} img/s. "
+        f"python -m vqa.cli.extract at {_f(store['extract_images_per_s'])} img/s. "
         f"Memory: {s['memory_method']}",
         "",
         *_table(header, "llrrrrrr"[: len(header)], rows),

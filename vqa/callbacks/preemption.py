@@ -30,7 +30,7 @@ Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; ``vqa.train`` exits 128 + signum, as a
+    """Raised after the preemption checkpoint is written; ``vqa.cli.train`` exits 128 + signum, as a
     process killed by that signal would, so job schedulers see an unfinished run."""
 
     def __init__(self, signum: int, checkpoint: str | None) -> None:

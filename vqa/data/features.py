@@ -2,7 +2,7 @@
 by the datamodule (``data.features=cached``) instead of decoding and encoding images.
 
 A frozen backbone is most of the compute of an end-to-end step and its output never changes, so
-``scripts/extract_features.py`` encodes each image once instead of once per batch and epoch.
+``python -m vqa.cli.extract`` encodes each image once instead of once per batch and epoch.
 One folder per split::
 
     <data.feature_dir>/<split>/manifest.json  what made it: encoder config, weight digests,
@@ -438,14 +438,14 @@ class FeatureStore:
         manifest = read_manifest(self.directory)
         if manifest is None:
             raise FeatureStoreError(
-                f"no feature store at {self.directory}: run `python scripts/extract_features.py` "
+                f"no feature store at {self.directory}: run `python -m vqa.cli.extract` "
                 "with the same data and model/visual overrides as training first"
             )
         status = np.load(self.directory / STATUS)
         if pending := int((status == PENDING).sum()):
             raise FeatureStoreError(
                 f"{self.directory} is incomplete: {pending} of {len(status)} images not "
-                "extracted yet (interrupted?); run scripts/extract_features.py again to resume"
+                "extracted yet (interrupted?); run -m vqa.cli.extract again to resume"
             )
         self.manifest = manifest
         self.image_ids = np.load(self.directory / IMAGE_IDS)

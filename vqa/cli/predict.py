@@ -1,6 +1,6 @@
 """Answer questions about images with a trained checkpoint, and draw what it attended to.
 
-    python -m vqa.predict ckpt_path=CKPT image=PATH question="what color is the circle?" \
+    python -m vqa.cli.predict ckpt_path=CKPT image=PATH question="what color is the circle?" \
         [top_k=5] [save_attention=out.png] [device=cuda]
 
 Images and questions go through the checkpoint's own preprocessing (image size, tokenizer,

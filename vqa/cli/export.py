@@ -1,4 +1,4 @@
-"""Export a trained checkpoint for serving: `python -m vqa.export ckpt_path=... format=onnx|safetensors`.
+"""Export a trained checkpoint for serving: `python -m vqa.cli.export ckpt_path=... format=onnx|safetensors`.
 
 ``onnx``: ``model.onnx`` mapping (images [B,3,S,S] float, input_ids [B,N] int64, attention_mask
 [B,N] int64) to logits [B,A], with dynamic batch and sequence axes (S is the checkpoint's image

@@ -1,6 +1,6 @@
 """Offline VQA evaluator: scores an EvalAI-format results file like the official tool.
 
-    python -m vqa.evaluation --annotations A.json --questions Q.json --results R.json \
+    python -m vqa.official_scorer --annotations A.json --questions Q.json --results R.json \
         [--per-question FILE]
 
 Prints ``{"overall", "perAnswerType", "perQuestionType"}`` in percent rounded to 2 decimals,
@@ -169,7 +169,7 @@ def evaluate_results(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m vqa.evaluation",
+        prog="python -m vqa.official_scorer",
         description="Score VQA results ([{question_id, answer}]) like the official evaluator.",
     )
     parser.add_argument("--annotations", required=True, type=Path, help="VQA v2 annotations JSON")

@@ -1,6 +1,6 @@
 """Feature cache: encode every image of the chosen splits once with the frozen visual encoder.
 
-    python scripts/extract_features.py model/visual=resnet101_imagenet data=vqav2 data.root=DIR
+    python -m vqa.cli.extract model/visual=resnet101_imagenet data=vqav2 data.root=DIR
     python train.py model/visual=resnet101_imagenet model.visual.freeze=all \\
         data=vqav2 data.root=DIR data.features=cached
 
@@ -45,7 +45,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_encoder(cfg: DictConfig, device: torch.device) -> nn.Module:
-    """The visual encoder as ``vqa.train`` builds it: seeded alike and, with the data set up
+    """The visual encoder as ``vqa.cli.train`` builds it: seeded alike and, with the data set up
     first, the first module drawn from the generator, so even random weights are the same. The
     manifest's weight digests make training refuse a store made by any other encoder."""
     encoder = instantiate(cfg.model.visual)

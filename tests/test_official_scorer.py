@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vqa.evaluation import EvaluationError, evaluate_results, main
 from vqa.metrics import VQAAccuracy
+from vqa.official_scorer import EvaluationError, evaluate_results, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +215,7 @@ def test_missing_file_is_reported(split: dict[str, Path], tmp_path: Path, capsys
 
 def test_module_entry_point(split: dict[str, Path]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "vqa.evaluation", *_argv(split)],
+        [sys.executable, "-m", "vqa.official_scorer", *_argv(split)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

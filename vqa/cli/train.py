@@ -110,7 +110,7 @@ def run_test(
     if not has_test_annotations(datamodule):
         log.warning(
             "Skipping trainer.test: test split %r has no annotations to score (use "
-            "`python -m vqa.eval ckpt_path=... split=test-dev2015` for an EvalAI submission file, "
+            "`python -m vqa.cli.eval ckpt_path=... split=test-dev2015` for an EvalAI submission file, "
             "or set data.test_split=val2014).",
             getattr(datamodule, "test_split", None),
         )

@@ -1,9 +1,9 @@
-"""Checkpoint evaluation: `python -m vqa.eval ckpt_path=... [data=vqav2 data.root=... split=...]`.
+"""Checkpoint evaluation: `python -m vqa.cli.eval ckpt_path=... [data=vqav2 data.root=... split=...]`.
 
 Rebuilds the model, vocabulary and tokenizer from the checkpoint, runs one split and writes into
 the run folder an EvalAI results file ``[{"question_id", "answer"}]`` covering every question of
 the split, plus ``metrics.json``. Annotated splits (val2014) are scored by the offline evaluator
-(:func:`vqa.evaluation.evaluate_results`, the official algorithm) on exactly the results that
+(:func:`vqa.official_scorer.evaluate_results`, the official algorithm) on exactly the results that
 file holds; test-dev2015 / test2015 have no public answers, so the file is the submission and
 scoring happens on EvalAI.
 """
@@ -36,8 +36,8 @@ from vqa.config_schema import register_schemas
 from vqa.data.batch import VQABatch
 from vqa.data.datamodule import VQADataModule
 from vqa.data.table import column
-from vqa.evaluation import EvalReport, evaluate_results
 from vqa.models.vqa_model import VQAModel
+from vqa.official_scorer import EvalReport, evaluate_results
 from vqa.utils import apply_extras, instantiate_callbacks, set_project_root
 from vqa.utils.project import CONFIG_DIR
 
