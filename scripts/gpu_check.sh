@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue 19 in one prepared run, for a lent GPU machine whose session has
-# 15 minutes of device time with the machine's start included: everything below fits in
-# GPU_CHECK_BUDGET seconds (default 510), each step under its own `timeout`, the most important
-# first, so whatever ran is written under $OUT even when a later step is cut.
+# The GPU step's measurements (README: "The GPU step") in one prepared run, for a lent GPU
+# machine whose session has 15 minutes of device time with the machine's start included:
+# everything below fits in GPU_CHECK_BUDGET seconds (default 510), each step under its own
+# `timeout`, the most important first, so whatever ran is written under $OUT even when a later step is cut.
 #
 #   run(command="bash scripts/gpu_check.sh", carry=[".devkit"], timeout_s=600)    # device tool
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh     # the same command lines, tiny sizes, on a CPU

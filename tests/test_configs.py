@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from tests.helpers import CONFIG_DIR, ROOT, TINY_OVERRIDES, compose_config
+from vqa.data.tokenizer import TokenizerSpec, tokenizer_spec
 
 GROUPS = [
     "data",
@@ -24,6 +26,8 @@ GROUPS = [
     "model/text",
     "fusion",
     "head",
+    "optimizer",
+    "scheduler",
     "trainer",
     "callbacks",
     "logger",
@@ -95,6 +99,10 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
     if group == "fusion":
         block = instantiate(cfg.fusion)(visual_channels=[64, 128], text_dim=32)
         assert block.out_dim > 0
+    if group in ("optimizer", "scheduler"):
+        optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(3))])
+        scheduler = instantiate(cfg.scheduler)(optimizer, 10)
+        assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
     if group == "head":
         head = instantiate(cfg.head)(in_features=48, num_answers=7)
         assert sum(p.numel() for p in head.parameters()) > 0
@@ -122,9 +130,24 @@ def test_default_composition_is_the_product_card(tmp_path: Path) -> None:
     assert "bert" in cfg.model.text._target_.lower()
     assert cfg.trainer.gradient_clip_val == 5.0
     assert cfg.module.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.module.scheduler._target_ == "vqa.optim.cosine_warmup"
     assert cfg.hydra.run.dir.startswith(f"{cfg.paths.log_dir}/train/runs/")
     assert cfg.hydra.sweep.dir.startswith(f"{cfg.paths.log_dir}/train/multiruns/")
     assert OmegaConf.to_yaml(cfg.hydra.sweep).count("subdir: ${hydra.job.num}") == 1
+
+
+def test_the_text_encoder_config_chooses_the_tokenizer(tmp_path: Path) -> None:
+    """No data config names a tokenizer: the text encoder's ``name_or_path`` decides, so one
+    override changes the encoder and its tokenizer together."""
+    pretrained = compose_config("train", ["model/text=bert_base_uncased"], tmp_path)
+    assert "tokenizer_name" not in pretrained.data
+    assert tokenizer_spec(pretrained.model.text) == TokenizerSpec("bert-base-uncased")
+    folder = compose_config("train", ["model.text.name_or_path=/models/my-bert"], tmp_path)
+    assert tokenizer_spec(folder.model.text).name_or_path == "/models/my-bert"
+    quickstart = compose_config("train", ["experiment=quickstart"], tmp_path)
+    assert tokenizer_spec(quickstart.model.text).built_from_questions
+    with pytest.raises(ConfigCompositionException, match="tokenizer_name"):
+        compose_config("train", ["data.tokenizer_name=bert-base-uncased"], tmp_path)
 
 
 def test_eval_config_requires_checkpoint(tmp_path: Path) -> None:

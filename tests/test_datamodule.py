@@ -28,7 +28,7 @@ from vqa.data.hub_access import HubUnavailableError
 from vqa.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from vqa.data.shapes import MANIFEST_NAME
 from vqa.data.sources import ShapesSource, VQAv2Source
-from vqa.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from vqa.data.tokenizer import SPECIAL_TOKENS, TokenizerSpec, load_tokenizer, tokenizer_spec
 from vqa.metrics import ANSWER_TYPES
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "data"
@@ -353,6 +353,43 @@ def test_built_tokenizer_is_deterministic_uncased_bert_wordpiece(tmp_path: Path)
         load_tokenizer(None)
 
 
+def test_the_text_encoder_config_chooses_the_tokenizer() -> None:
+    text_configs = Path(__file__).resolve().parents[1] / "configs" / "model" / "text"
+    for path in sorted(text_configs.glob("*.yaml")):
+        text = OmegaConf.load(path)
+        assert tokenizer_spec(text) == TokenizerSpec(text.name_or_path), path.name
+    assert tokenizer_spec({"name_or_path": None}).built_from_questions
+    assert tokenizer_spec(None) == TokenizerSpec()
+    pretrained = tokenizer_spec({"name_or_path": "bert-base-uncased", "pretrained": True})
+    assert pretrained.name_or_path == "bert-base-uncased" and not pretrained.built_from_questions
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):  # the data configs no longer name one
+        assert "tokenizer" not in OmegaConf.load(path), path.name
+
+
+def test_datamodule_builds_the_tokenizer_it_is_told_to(
+    fitted: VQADataModule, data_root: Path, tmp_path: Path
+) -> None:
+    saved = tmp_path / "tok"
+    fitted.tokenizer.save_pretrained(saved)
+    dm = make_dm(data_root, None, answer_vocab=fitted.answer_vocab)
+    dm.use_tokenizer(TokenizerSpec(str(saved)))
+    dm.setup("validate")
+    assert dm.tokenizer.get_vocab() == fitted.tokenizer.get_vocab()
+    assert list(dm.tables) == ["val2014"]  # a named tokenizer never loads the training questions
+
+    built = make_dm(data_root, None, answer_vocab=fitted.answer_vocab)
+    built.use_tokenizer(TokenizerSpec(None))  # the default: WordPiece from the questions
+    built.setup("validate")
+    assert built.tokenizer.get_vocab() == fitted.tokenizer.get_vocab()
+    assert "train2014" in built.tables
+
+    ready = load_tokenizer(None, texts=QUESTIONS)
+    given = make_dm(data_root, None, answer_vocab=fitted.answer_vocab, tokenizer=ready)
+    given.use_tokenizer(TokenizerSpec(str(saved)))
+    given.setup("validate")
+    assert given.tokenizer is ready  # a checkpoint's tokenizer wins over any choice
+
+
 def test_hub_tokenizer_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
@@ -367,16 +404,10 @@ def test_hub_tokenizer_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def data_config(name: str, tmp_path: Path, **data: Any) -> Any:
-    """configs/data/<name>.yaml inside the keys it interpolates (as train.yaml provides)."""
+    """configs/data/<name>.yaml inside the keys it interpolates (as train.yaml provides): paths
+    and the seed, nothing of the model's."""
     node = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"), data)
-    return OmegaConf.create(
-        {
-            "paths": {"data_dir": str(tmp_path)},
-            "seed": 0,
-            "model": {"text": {"name_or_path": None}},
-            "data": node,
-        }
-    ).data
+    return OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "seed": 0, "data": node}).data
 
 
 def test_shapes_config_instantiates_and_runs(tmp_path: Path) -> None:

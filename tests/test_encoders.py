@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import urllib.error
@@ -44,9 +45,12 @@ def test_resnet_returns_requested_stages_in_order_with_channels_and_strides() ->
     encoder = ResNetEncoder("resnet18", stages=["layer3", "layer2"]).eval()
     assert encoder.stage_names == ["layer2", "layer3"]
     assert encoder.out_channels == [128, 256]
+    assert list(encoder.stage_channels().items()) == [("layer2", 128), ("layer3", 256)]
     with torch.no_grad():
         features = encoder(images(size=64))
-    assert [tuple(f.shape) for f in features] == [(2, 128, 8, 8), (2, 256, 4, 4)]  # strides 8, 16
+    assert list(features) == ["layer2", "layer3"]  # by name, in network order
+    assert [tuple(f.shape) for f in features.values()] == [(2, 128, 8, 8), (2, 256, 4, 4)]
+    assert encoder.stage_shapes(64) == {"layer2": (128, 8, 8), "layer3": (256, 4, 4)}
 
 
 def test_resnet_stops_after_deepest_stage() -> None:
@@ -96,8 +100,8 @@ def test_resnet_fully_frozen_is_deterministic_feature_extractor() -> None:
     encoder.train()
     assert not any(m.training for m in encoder.modules() if isinstance(m, nn.BatchNorm2d))
     x = images()
-    train_out = encoder(x)[0]
-    torch.testing.assert_close(encoder.eval()(x)[0], train_out)
+    train_out = encoder(x)["layer2"]
+    torch.testing.assert_close(encoder.eval()(x)["layer2"], train_out)
 
 
 def test_resnet_init_seed_fixes_random_weights_whatever_the_run_seed() -> None:
@@ -144,7 +148,7 @@ def test_resnet_channels_last_matches_the_plain_encoder() -> None:
     plain, fast = twin_encoders(channels_last=True)
     x = images()
     with torch.no_grad():
-        expected, features = plain(x), fast(x)
+        expected, features = plain(x).values(), fast(x).values()
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
     for actual, reference in zip(features, expected, strict=True):
         torch.testing.assert_close(actual, reference, atol=1e-4, rtol=1e-4)
@@ -156,11 +160,60 @@ def test_resnet_gradient_checkpointing_gives_the_same_gradients() -> None:
     for encoder, expected_runs in ((plain, 1), (checkpointed, 2)):
         runs: list[int] = []
         encoder.body["layer2"].register_forward_pre_hook(lambda *_, runs=runs: runs.append(1))
-        sum(f.square().mean() for f in encoder(x)).backward()
+        sum(f.square().mean() for f in encoder(x).values()).backward()
         assert len(runs) == expected_runs  # a checkpointed stage is recomputed in backward
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         if a.requires_grad:
             torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_resnet_description_says_what_the_encoder_computes() -> None:
+    encoder = ResNetEncoder("resnet18", stages=["layer3", "layer1"], freeze="stem")
+    spec = encoder.describe()
+    assert (spec.arch, spec.stages, spec.channels) == ("resnet18", ("layer1", "layer3"), (64, 256))
+    assert spec.stage_channels() == encoder.stage_channels()
+    with torch.no_grad():
+        maps = encoder.eval()(images(size=32))
+    assert spec.stage_channels() == {name: m.shape[1] for name, m in maps.items()}
+    assert list(spec.stage_digests()) == ["layer1", "layer3"]
+    assert spec.weights_digest == spec.stage_digests()["layer3"]
+    assert not spec.frozen and "body.layer1.0.conv1.weight" in spec.trainable
+    assert "body.conv1.weight" not in spec.trainable  # the frozen stem
+    dataclasses.replace(spec)  # plain data: copies and compares by value
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.arch = "resnet50"  # type: ignore[misc]
+    frozen = ResNetEncoder("resnet18", stages=["layer1"], freeze="all").describe()
+    assert frozen.frozen and frozen.trainable == ()
+
+
+def test_resnet_weights_digest_follows_the_weights_not_the_layout() -> None:
+    plain, same = twin_encoders()
+    assert plain.describe() == same.describe()
+    reference, fast = twin_encoders(channels_last=True, gradient_checkpointing=True)
+    assert fast.describe().digests == reference.describe().digests  # the same maps
+    bn_frozen = ResNetEncoder("resnet18", stages=["layer1", "layer2"], bn="frozen")
+    bn_frozen.load_state_dict(plain.state_dict(), strict=False)  # no num_batches_tracked
+    assert bn_frozen.describe().digests == plain.describe().digests
+    with torch.no_grad():
+        same.body["layer2"][1].conv2.weight[0, 0, 0, 0] += 1e-3
+    changed = same.describe().stage_digests()
+    assert changed["layer1"] == plain.describe().stage_digests()["layer1"]  # layer1 unaffected
+    assert changed["layer2"] != plain.describe().stage_digests()["layer2"]
+    original, other = twin_encoders()
+    other.body["bn1"].running_var.mul_(2)  # a buffer changes the maps as much as a weight
+    assert set(other.describe().digests).isdisjoint(original.describe().digests)
+    other.body["bn1"].num_batches_tracked += 1  # never read by an eval forward
+    other.body["bn1"].running_var.div_(2)
+    assert other.describe().digests == original.describe().digests
+
+
+def test_resnet_stage_shapes_leave_batch_norm_statistics_alone() -> None:
+    encoder = ResNetEncoder("resnet18", stages=["layer2"], bn="train").train()
+    before = {name: buf.clone() for name, buf in encoder.named_buffers()}
+    assert encoder.stage_shapes(48) == {"layer2": (128, 6, 6)}
+    assert encoder.training and encoder.body["layer2"].training
+    for name, buf in encoder.named_buffers():
+        assert torch.equal(buf, before[name]), name
 
 
 def test_resnet101_instantiates_and_runs() -> None:
@@ -169,7 +222,7 @@ def test_resnet101_instantiates_and_runs() -> None:
     assert len(encoder.body["layer3"]) == 23  # the 101-layer block layout, not a smaller arch
     with torch.no_grad():
         features = encoder(images(batch=1, size=64))
-    assert [tuple(f.shape) for f in features] == [(1, 1024, 4, 4), (1, 2048, 2, 2)]
+    assert [tuple(f.shape) for f in features.values()] == [(1, 1024, 4, 4), (1, 2048, 2, 2)]
 
 
 def test_resnet_offline_weights_fail_fast_naming_cache_file(
@@ -304,7 +357,7 @@ def test_trainable_batch_norm_survives_one_image_with_a_one_cell_map() -> None:
     image reaches layer4 as one cell: one value per channel, where nn.BatchNorm2d raises."""
     encoder = ResNetEncoder("resnet18", stages=["layer4"], bn="train").train()
     image = torch.randn(1, 3, 32, 32, requires_grad=True)
-    (stage,) = encoder(image)
+    (stage,) = encoder(image).values()
     assert stage.shape == (1, 512, 1, 1)
     assert torch.isfinite(stage).all()
     stage.sum().backward()

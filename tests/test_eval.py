@@ -24,6 +24,7 @@ from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun, tiny_run
 from vqa.checkpoint import CheckpointError, load_checkpoint
 from vqa.cli import eval as vqa_eval
 from vqa.cli.eval import evaluate_checkpoint, resolve_data_config, results_file_name
+from vqa.data.features import FeatureStoreError
 from vqa.official_scorer import evaluate_results
 
 
@@ -144,7 +145,7 @@ def test_data_group_swap_keeps_the_checkpoints_preprocessing(run: TinyRun, tmp_p
     assert data["source"]["_target_"].endswith("VQAv2Source")
     assert data["root"] == str(run.data_root)
     assert data["image_size"] == IMAGE_SIZE != cfg.data.image_size  # vqav2.yaml says 448
-    assert data.get("tokenizer_name") is None  # no `${model...}` interpolation left to resolve
+    assert "tokenizer_name" not in data  # the tokenizer is the checkpoint's, named nowhere here
     explicit = resolve_data_config(trained, cfg.data, explicit={"image_size"})
     assert explicit["image_size"] == cfg.data.image_size
     # without a group: the checkpoint's config with only the non-null overrides on top
@@ -154,6 +155,30 @@ def test_data_group_swap_keeps_the_checkpoints_preprocessing(run: TinyRun, tmp_p
     assert merged["source"] == trained.data_config["source"]
     assert merged["cache_dir"] == plain.data.cache_dir  # machine-local, not the training one's
     GlobalHydra.instance().clear()
+
+
+def test_checkpoint_naming_its_tokenizer_in_the_data_config_still_evaluates(
+    run: TinyRun, checkpoint: dict[str, Any], tmp_path: Path
+) -> None:
+    """Checkpoints written while the data config named the tokenizer (``tokenizer_name``, now
+    the text encoder's ``name_or_path``) evaluate as before: their tokenizer travels with them."""
+    older = copy.deepcopy(checkpoint)
+    older["hyper_parameters"]["run_config"]["data"]["tokenizer_name"] = None
+    path = save(tmp_path, older)
+    assert "tokenizer_name" not in load_checkpoint(path).data_config
+    data = {"num_workers": 0, "cache_dir": str(tmp_path / "cache")}
+    older_outcome = evaluate_checkpoint(path, cpu_trainer(), tmp_path / "a", data=data)
+    current = evaluate_checkpoint(run.ckpt, cpu_trainer(), tmp_path / "b", data=data)
+    assert older_outcome.results_file.read_text() == current.results_file.read_text()
+
+
+def test_cached_features_are_checked_against_the_checkpoints_encoder(
+    run: TinyRun, tmp_path: Path
+) -> None:
+    """Evaluation hands the rebuilt model's encoder description to the datamodule: the tiny
+    run trained its encoder, so no store of frozen maps can stand in for it."""
+    with pytest.raises(FeatureStoreError, match=r"frozen visual encoder.*freeze=all"):
+        evaluate(run, tmp_path, "val2014", features="cached", feature_dir=str(tmp_path / "maps"))
 
 
 def test_official_layout_source_scores_like_the_synthetic_one(run: TinyRun, tmp_path: Path) -> None:

@@ -30,10 +30,11 @@ from vqa.cli.export import (
     check_onnx,
     example_inputs,
     export_checkpoint,
+    export_inputs,
     export_onnx,
     load_safetensors_export,
 )
-from vqa.cli.predict import Predictor
+from vqa.data.preprocess import Preprocessor
 from vqa.utils.project import CONFIG_DIR
 
 TOP_K_FUSIONS = ["parallel", "alternating", "multihead", "cot", "hierarchical"]
@@ -68,9 +69,10 @@ def onnx_dir(run: TinyRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def real_inputs(run: TinyRun, trained: TrainedModel, count: int) -> dict[str, torch.Tensor]:
     """Preprocessed val questions, as a serving client would send them."""
     questions = run.questions("val2014")[:count]
-    return Predictor(trained).encode(
+    batch = Preprocessor.for_model(trained).batch(
         [run.image("val2014", q["image_id"]) for q in questions], [q["question"] for q in questions]
     )
+    return dict(zip(INPUT_NAMES, export_inputs(batch), strict=True))
 
 
 def test_onnx_matches_pytorch_on_other_batch_and_sequence_sizes(

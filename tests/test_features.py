@@ -209,21 +209,23 @@ def test_cached_datamodule_checks_the_model_encoder(
         shared_data_dir,
     )
     datamodule = cached_datamodule(cfg)
-    splits = ["train2014", "val2014"]
 
-    def encoder(seed: int, **changes: Any) -> torch.nn.Module:
+    def encoder(seed: int, **changes: Any) -> Any:
+        """The description of the encoder training would build (seeded alike)."""
         pl.seed_everything(seed)
-        return instantiate(cfg.model.visual, **changes)
+        return instantiate(cfg.model.visual, **changes).describe()
 
     with pytest.raises(FeatureStoreError, match=r"frozen visual encoder.*freeze=all"):
-        datamodule.check_visual_encoder(encoder(cfg.seed, freeze="none"), splits)
+        datamodule.use_visual_encoder(encoder(cfg.seed, freeze="none"))
     with pytest.raises(FeatureStoreError, match=r"weights differ"):
-        datamodule.check_visual_encoder(encoder(cfg.seed + 1), splits)
+        datamodule.use_visual_encoder(encoder(cfg.seed + 1))
     with pytest.raises(FeatureStoreError, match=r"holds only \['layer3', 'layer4'\]"):
-        datamodule.check_visual_encoder(encoder(cfg.seed, stages=["layer2"]), splits)
+        datamodule.use_visual_encoder(encoder(cfg.seed, stages=["layer2"]))
+    with pytest.raises(FeatureStoreError, match=r"layer4.*512.*made by.*resnet18"):
+        datamodule.use_visual_encoder(encoder(cfg.seed, arch="resnet50"))  # 2048 channels
     # A model reading a subset of the stored stages gets just those, float16 on the wire and
     # floats after the transfer.
-    datamodule.check_visual_encoder(encoder(cfg.seed, stages=["layer4"]), splits)
+    datamodule.use_visual_encoder(encoder(cfg.seed, stages=["layer4"]))
     batch = next(iter(datamodule.val_dataloader()))
     (layer4,) = batch.visual_features
     assert layer4.shape == (batch.image_index.max() + 1, 512, 1, 1)
@@ -249,6 +251,33 @@ def test_cached_datamodule_checks_the_model_encoder(
         cached_datamodule(cfg)
     with pytest.raises(InstantiationException, match=r"augment=false"):
         instantiate(cfg.data, augment=True)
+
+
+def test_features_are_checked_against_a_described_encoder_before_any_trainer_reads_them(
+    tmp_path: Path, shared_data_dir: Path, stores: dict[str, Path]
+) -> None:
+    """The datamodule learns of the model only through the description an entry point hands
+    it: handed over before setup (as evaluation does), stores are checked as they open; not
+    handed over at all, a trainer's setup refuses the stores instead of reading them unchecked."""
+    cfg = compose_config(
+        "train",
+        [*BASE, "data.features=cached", f"data.feature_dir={stores['float16']}"],
+        tmp_path,
+        shared_data_dir,
+    )
+    pl.seed_everything(cfg.seed + 1)
+    other = instantiate(cfg.model.visual).describe()
+    datamodule = instantiate(cfg.data)
+    datamodule.use_visual_encoder(other)  # no store is open yet: nothing to refuse
+    with pytest.raises(FeatureStoreError, match=r"weights differ"):
+        datamodule.setup("fit")
+
+    unchecked = instantiate(cfg.data)
+    unchecked.trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False
+    )
+    with pytest.raises(FeatureStoreError, match=r"no visual encoder was described.*describe\(\)"):
+        unchecked.setup("fit")
 
 
 def test_unreadable_and_changed_images(tmp_path: Path) -> None:

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from vqa.models.fusion.attention import GuidedAttention, attend
 from vqa.models.fusion.base import FusionBlock, SpatialGrid
 from vqa.models.fusion.cot import CoTAttention
-from vqa.models.fusion.hierarchical import GuidedAttention, HierarchicalCoAttention
+from vqa.models.fusion.hierarchical import HierarchicalCoAttention
 from vqa.models.fusion.multihead import MultiheadCoAttention
 
 TEXT_DIM = 16
@@ -107,12 +108,11 @@ def test_hierarchical_small_top_k_keeps_only_largest() -> None:
 
 def test_alternating_step_small_top_k_keeps_only_largest() -> None:
     torch.manual_seed(0)
-    dense = GuidedAttention(HIDDEN, guided=True, top_k=None)
-    sparse = GuidedAttention(HIDDEN, guided=True, top_k=3)
-    sparse.load_state_dict(dense.state_dict())
+    step = GuidedAttention(HIDDEN, bias=False)  # a step of hierarchical's alternating levels
     cells, guide = torch.randn(2, 9, HIDDEN), torch.randn(2, HIDDEN)
     with torch.no_grad():
-        assert_top_k_of(sparse(cells, None, guide), dense(cells, None, guide), 3)
+        logits = step(cells, guide)
+        assert_top_k_of(attend(logits, None, top_k=3), attend(logits, None, top_k=None), 3)
 
 
 @pytest.mark.parametrize("kind", ["multihead", "cot"])
@@ -148,7 +148,8 @@ def reference_multihead(
     """Per-sample, per-head loop with padding dropped (not masked), using the block's weights."""
     cells_all, constraint = block.inputs.grid(visual[-1])
     words_all = block.inputs.text_proj(text)
-    d, k = block.head_dim, block.top_k
+    attention = block.attention
+    d, k, heads = attention.head_dim, block.top_k, attention.num_heads
     features, image_maps, question_maps = [], [], []
     for b in range(text.shape[0]):
         cells, words = cells_all[b], words_all[b][mask[b]]  # real words only
@@ -158,10 +159,10 @@ def reference_multihead(
             0.0,
             torch.zeros_like(mask[b], dtype=text.dtype),
         )
-        for h in range(block.num_heads):
+        for h in range(heads):
             rows = slice(h * d, (h + 1) * d)
-            q = F.linear(words, block.query.weight[rows], block.query.bias[rows])
-            key = F.linear(cells, block.key.weight[rows], block.key.bias[rows])
+            q = F.linear(words, attention.query.weight[rows], attention.query.bias[rows])
+            key = F.linear(cells, attention.key.weight[rows], attention.key.bias[rows])
             affinity = q @ key.T / math.sqrt(d)
             # The spatial prior w enters each word's softmax over cells as + log w.
             prior = 0.0 if constraint is None else constraint.log()
@@ -170,8 +171,8 @@ def reference_multihead(
             a_v = a_q @ per_word  # [M]
             heads_v.append(a_v @ cells[:, rows])
             heads_q.append(a_q @ words[:, rows])
-            image_att = image_att + a_v / block.num_heads
-            question_att[mask[b]] += a_q / block.num_heads
+            image_att = image_att + a_v / heads
+            question_att[mask[b]] += a_q / heads
         v, q = torch.cat(heads_v), torch.cat(heads_q)
         if block.residual:
             v, q = v + cells.mean(0), q + words.mean(0)

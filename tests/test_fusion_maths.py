@@ -79,17 +79,18 @@ def test_parallel_form_is_its_documented_formula(
         x = block.inputs(visual, text, mask)
     Q, V, prior = x.words, x.cells, x.constraint
 
-    S = torch.einsum("bnd,ed,bme->bnm", Q, block.affinity.weight, V) / math.sqrt(HIDDEN)
+    lu = block.attention  # W_b, W_v, W_q, w_hv, w_hq
+    S = torch.einsum("bnd,ed,bme->bnm", Q, lu.affinity.weight, V) / math.sqrt(HIDDEN)
     if form == "maxpool":
         image_logits = S.masked_fill(~mask.unsqueeze(-1), -math.inf).amax(1)
         question_logits = S.amax(2)
     else:
         C = torch.tanh(S) * mask.unsqueeze(-1)
-        WvV, WqQ = linear(V, block.image_hidden), linear(Q, block.text_hidden)
+        WvV, WqQ = linear(V, lu.image_hidden), linear(Q, lu.text_hidden)
         H_v = torch.tanh(WvV + torch.einsum("bnm,bne->bme", C, WqQ))
         H_q = torch.tanh(WqQ + torch.einsum("bnm,bme->bne", C, WvV))
-        image_logits = linear(H_v, block.image_score).squeeze(-1)
-        question_logits = linear(H_q, block.text_score).squeeze(-1)
+        image_logits = linear(H_v, lu.image_score).squeeze(-1)
+        question_logits = linear(H_q, lu.text_score).squeeze(-1)
     if spatial_constraint:
         image_logits = image_logits + prior.log()
     a_v = masked_softmax_by_hand(image_logits, None)
@@ -139,17 +140,17 @@ PRIOR_CASES: dict[
     "parallel-maxpool": (
         lambda: ParallelCoAttention(CHANNELS, TEXT_DIM, HIDDEN, form="maxpool"),
         lambda b: [b.inputs.grid],
-        lambda b: negate(b.affinity),
+        lambda b: negate(b.attention.affinity),
     ),
     "parallel-lu": (
         lambda: ParallelCoAttention(CHANNELS, TEXT_DIM, HIDDEN, form="lu"),
         lambda b: [b.inputs.grid],
-        lambda b: negate(b.image_score),
+        lambda b: negate(b.attention.image_score),
     ),
     "multihead": (
         lambda: MultiheadCoAttention(CHANNELS, TEXT_DIM, HIDDEN, num_heads=4),
         lambda b: [b.inputs.grid],
-        lambda b: negate(b.query),
+        lambda b: negate(b.attention.query),
     ),
     "cot": (
         lambda: CoTAttention(CHANNELS, TEXT_DIM, HIDDEN),
@@ -164,12 +165,12 @@ PRIOR_CASES: dict[
     "hierarchical-alternating": (
         lambda: HierarchicalCoAttention(CHANNELS, TEXT_DIM, HIDDEN, mode="alternating"),
         lambda b: [b.inputs.grid],
-        lambda b: negate(*(level.image.score for level in b.coattention)),
+        lambda b: negate(*(level.image_steps[0].score for level in b.coattention)),
     ),
     "alternating": (
         lambda: AlternatingCoAttention(CHANNELS, TEXT_DIM, HIDDEN, steps=1),
         lambda b: [b.inputs.grid],
-        lambda b: negate(*(step.score for step in b.image_steps)),
+        lambda b: negate(*(step.score for step in b.attention.image_steps)),
     ),
 }
 

@@ -48,8 +48,8 @@ DROPOUT = ["module.image_dropout=0.1", "module.question_dropout=0.1"]
 # VQA_TEST_DEVICE=cuda (scripts/gpu_check.sh on a lent GPU): the same steps on the GPU, where
 # the counter also sees copies from the device to the host.
 DEVICE = ["trainer.accelerator=gpu"] if os.environ.get("VQA_TEST_DEVICE") == "cuda" else []
-FOREACH = "+module.optimizer.foreach=true"
-FUSED = "module.optimizer.fused=true"
+FOREACH = "+optimizer.foreach=true"
+FUSED = "optimizer.fused=true"
 
 
 class CountOneBatch(pl.Callback):
@@ -208,7 +208,7 @@ def test_a_whole_training_iteration_with_the_shipped_callbacks_has_no_host_sync(
             *[o for o in TINY_OVERRIDES if not o.startswith("callbacks.")],
             *TINY_DATA_OVERRIDES,
             *DROPOUT,
-            "module.optimizer.fused=true",
+            "optimizer.fused=true",
             "trainer.log_every_n_steps=50",
             "data.batch_size=4",
             "data.num_workers=2",  # as users run it; the collator then runs in the workers

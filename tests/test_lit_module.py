@@ -40,7 +40,7 @@ def make_module(tmp_path: Path) -> Callable[..., VQALitModule]:
     """Builds the module exactly as `vqa.cli.train` does, from the composed default config."""
     cfg = compose_config(
         "train",
-        [*TINY_OVERRIDES, "model.visual.stages=[layer3]", f"module.optimizer.lr={LR}"],
+        [*TINY_OVERRIDES, "model.visual.stages=[layer3]", f"optimizer.lr={LR}"],
         tmp_path,
     )
 
@@ -154,7 +154,7 @@ def test_modality_dropout_only_in_training_steps(make_module) -> None:
     with torch.no_grad():
         module.validation_step(batch, 0)
         module.test_step(batch, 0)
-        module.predict_step(batch, 0)
+        module(batch)  # inference: vqa.inference.run_model, as prediction and evaluation
     train_kwargs, *eval_kwargs = seen
     assert train_kwargs["drop_image"].shape == (6,)
     assert (train_kwargs["drop_image"] | train_kwargs["drop_question"]).any()
@@ -304,7 +304,9 @@ def test_parameter_groups_split_encoders_and_skip_decay_on_norms_biases_embeddin
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor(make_module) -> None:
-    module = make_module(warmup_fraction=0.1, min_lr_ratio=0.05, encoder_lr_multiplier=0.5)
+    module = make_module(
+        scheduler={"warmup_fraction": 0.1, "min_lr_ratio": 0.05}, encoder_lr_multiplier=0.5
+    )
     attach_stub_trainer(module, estimated_stepping_batches=100)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -586,12 +588,12 @@ def test_fused_adamw_is_a_config_key_passed_to_the_optimizer(tmp_path: Path) -> 
 
     default = optimizer_of()
     assert isinstance(default, torch.optim.AdamW) and default.defaults["fused"] is None
-    fused = optimizer_of("module.optimizer.fused=true")
+    fused = optimizer_of("optimizer.fused=true")
     assert fused.defaults["fused"] is True
     assert all(g["fused"] is True for g in fused.param_groups)
 
     preset = compose_config("train", ["experiment=vqav2_resnet101_bert"], tmp_path)
-    assert preset.module.optimizer.fused is True
+    assert preset.optimizer.fused is True
     assert preset.trainer.precision == "bf16-mixed" and preset.trainer.gradient_clip_val > 0
 
 

@@ -1,4 +1,5 @@
-"""Single-question prediction (`python -m vqa.cli.predict`) and the attention figure."""
+"""Prediction on raw inputs (`vqa.inference.Predictor`, `python -m vqa.cli.predict`) and the
+attention figure: the same token ids, batches and logits as training and evaluation."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import numpy as np
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from PIL import Image
 
 from tests.tiny_checkpoint import GRID, TinyRun, tiny_run
 from vqa.checkpoint import load_checkpoint
 from vqa.cli import predict as vqa_predict
 from vqa.cli.eval import build_datamodule
-from vqa.cli.predict import Predictor, plot_attention
+from vqa.data.datamodule import encode_batch
+from vqa.inference import Predictor
+from vqa.lit_module import VQALitModule
+from vqa.plots import plot_attention
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +46,9 @@ def test_top5_answers_with_scores(run: TinyRun, predictor: Predictor) -> None:
     assert list(scores) == sorted(scores, reverse=True)
     assert all(0.0 < s < 1.0 for s in scores)
     # the scores are the sigmoids of the logits a plain forward pass gives
-    inputs = predictor.encode([image], [question["question"]])
+    batch = predictor.encode([image], [question["question"]])
     with torch.inference_mode():
-        logits = predictor.model(**inputs).logits[0]
+        logits = predictor.model(**batch.model_inputs()).logits[0]
     best = logits.topk(5)
     vocab = predictor.trained.answer_vocab
     assert list(answers) == [vocab.decode(i) for i in best.indices.tolist()]
@@ -61,9 +66,67 @@ def test_same_logits_as_the_evaluation_pipeline(run: TinyRun, predictor: Predict
     with torch.inference_mode():
         expected = trained.model(**batch.model_inputs()).logits
         ids = batch.image_id.tolist()
-        inputs = predictor.encode([run.image("val2014", i) for i in ids], batch.question)
-        got = predictor.model(**inputs).logits
+        got = predictor.forward(
+            predictor.encode([run.image("val2014", i) for i in ids], batch.question)
+        ).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_same_token_ids_as_the_datamodule(run: TinyRun, predictor: Predictor) -> None:
+    """A question gets the ids training and evaluation encode it to ([CLS]/[SEP], truncation at
+    max_question_length, right padding with the pad token, no token_type_ids), and an image the
+    pixels of the evaluation transform."""
+    trained = predictor.trained
+    datamodule = build_datamodule(trained, {**trained.data_config, "num_workers": 0}, "val2014")
+    dataset = datamodule.datasets["val2014"]
+    rows = [dataset[i] for i in range(6)]
+    batch = predictor.encode(
+        [run.image("val2014", r["image_id"]) for r in rows], [r["question"] for r in rows]
+    )
+    for i, row in enumerate(rows):
+        length = int(batch.attention_mask[i].sum())
+        assert batch.input_ids[i, :length].tolist() == list(row["input_ids"])
+        assert set(batch.input_ids[i, length:].tolist()) <= {trained.tokenizer.pad_token_id}
+        assert torch.equal(batch.images[i], row["image"])  # the evaluation's transform
+    # a question longer than max_question_length is truncated alike
+    long_question = " ".join(["what color is the big shape left of the circle"] * 4)
+    expected = encode_batch(
+        [long_question],
+        [[]],
+        tokenizer=trained.tokenizer,
+        vocab=trained.answer_vocab,
+        max_length=trained.max_question_length,
+    )["input_ids"][0]
+    assert len(expected) == trained.max_question_length
+    image = run.image("val2014", rows[0]["image_id"])
+    assert predictor.encode([image], [long_question]).input_ids[0].tolist() == expected
+    assert "token_type_ids" not in batch.model_inputs()
+
+
+def test_same_logits_as_the_lit_module(run: TinyRun, predictor: Predictor) -> None:
+    """The predictor and the LightningModule run the model the same way: equal logits on the
+    same batch, and the predicted scores are the sigmoids of the module's logits."""
+    trained = load_checkpoint(run.ckpt)  # separate weights, loaded the same way
+    module = instantiate(trained.run_config["module"])(
+        net=trained.model,
+        answer_vocab=trained.answer_vocab.answers,
+        question_types=trained.question_types,
+    )
+    assert isinstance(module, VQALitModule)
+    module.eval()
+    questions = run.questions("val2014")[:4]
+    images = [run.image("val2014", q["image_id"]) for q in questions]
+    texts = [q["question"] for q in questions]
+    batch = predictor.encode(images, texts)
+    with torch.inference_mode():
+        expected = module(batch).logits
+    torch.testing.assert_close(predictor.forward(batch).logits, expected, atol=0, rtol=0)
+    for prediction, logits in zip(predictor.predict_batch(images, texts), expected, strict=True):
+        best = logits.sigmoid().topk(len(prediction.answers))
+        assert prediction.answers == [
+            (trained.answer_vocab.decode(a), s)
+            for a, s in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+        ]
 
 
 def test_batch_of_mixed_lengths_equals_one_by_one(run: TinyRun, predictor: Predictor) -> None:

@@ -52,7 +52,7 @@ def test_last_is_the_newest_state_when_the_metric_stops_improving(
 ) -> None:
     """With a zero learning rate val/acc never improves after epoch 0: Lightning's save_last
     would leave last.ckpt at epoch 0; it must hold the end of training."""
-    cfg = tiny(tmp_path, shared_data_dir, "trainer.max_epochs=3", "module.optimizer.lr=0.0")
+    cfg = tiny(tmp_path, shared_data_dir, "trainer.max_epochs=3", "optimizer.lr=0.0")
     _, objects = train_with(cfg, monkeypatch)
     trainer = objects["trainer"]
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"

@@ -165,7 +165,7 @@ def test_optuna_search_runs_three_trials(
     runs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
     assert len(runs) == 3
     trials = [read_overrides(r) for r in runs]
-    learning_rates = [float(t["module.optimizer.lr"]) for t in trials]
+    learning_rates = [float(t["optimizer.lr"]) for t in trials]
     assert all(5e-5 <= lr <= 3e-3 for lr in learning_rates)
     assert all(0.0 <= float(t["head.dropout"]) <= 0.5 for t in trials)
     assert len(set(learning_rates)) == 3  # sampled, not repeated
@@ -176,7 +176,7 @@ def test_optuna_search_runs_three_trials(
     best_lrs = [
         lr for lr, score in zip(learning_rates, scores, strict=True) if score == max(scores)
     ]
-    assert any(results.best_params["module.optimizer.lr"] == pytest.approx(lr) for lr in best_lrs)
+    assert any(results.best_params["optimizer.lr"] == pytest.approx(lr) for lr in best_lrs)
 
     # every trial is its own setting, best first
     summarize(sweep)

@@ -273,7 +273,7 @@ def test_resume_from_last_checkpoint_is_exact(
         "trainer.limit_train_batches=3",
         "trainer.num_sanity_val_steps=1",  # validates under isolate_rng: must not shift the RNG
         "trainer.deterministic=true",
-        "module.warmup_fraction=0.25",
+        "scheduler.warmup_fraction=0.25",
         "module.image_dropout=0.3",
         "module.question_dropout=0.3",
     )
@@ -353,7 +353,7 @@ def test_image_dropout_one_learns_nothing_from_images(
         "trainer.max_epochs=2",
         "trainer.limit_val_batches=0",
         "callbacks.model_checkpoint=null",
-        "module.optimizer.lr=3e-3",
+        "optimizer.lr=3e-3",
     )
     probe = VisualGradProbe()
     _, objects = train_with(cfg, monkeypatch, callbacks=[probe])
@@ -481,11 +481,11 @@ def test_lr_warmup_then_cosine_per_optimizer_step_with_accumulation(
         "trainer.accumulate_grad_batches=2",
         "trainer.limit_val_batches=0",
         "callbacks.model_checkpoint=null",
-        f"module.optimizer.lr={lr}",
+        f"optimizer.lr={lr}",
         f"module.encoder_lr_multiplier={multiplier}",
         f"module.text_lr_multiplier={text_multiplier}",
-        "module.warmup_fraction=0.34",
-        f"module.min_lr_ratio={min_ratio}",
+        "scheduler.warmup_fraction=0.34",
+        f"scheduler.min_lr_ratio={min_ratio}",
     )
     probe = LRProbe()
     _, objects = train_with(cfg, monkeypatch, callbacks=[probe])

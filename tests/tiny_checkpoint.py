@@ -1,8 +1,8 @@
 """One tiny trained checkpoint per test process, shared by the eval, predict and export tests.
 
-Training costs ~20 s on the shared 2-core machine, so it happens once: the first module that
-asks trains into the session's base temp folder and later modules find the finished run there
-(under pytest-xdist each worker has its own base folder, hence its own run).
+Training is the slow part, so it happens once: the first module that asks trains into the
+session's base temp folder and later modules find the finished run there (under pytest-xdist
+each worker has its own base folder, hence its own run).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vqa.data.answers import AnswerVocab
 from vqa.data.artifacts import artifacts_from_dict
+from vqa.models.fusion.base import upgrade_legacy_keys
 from vqa.models.vqa_model import VQAModel
 
 REQUIRED_HPARAMS = ("run_config", "answer_vocab", "data_artifacts")
@@ -33,6 +34,9 @@ NET_PREFIX = "net."  # the LightningModule holds the VQAModel as `net`
 MODEL_TARGET_PREFIX = "vqa.models."
 DATA_TARGET_PREFIX = "vqa.data."
 MAX_KEYS_SHOWN = 4
+# Data config keys of older checkpoints that the datamodule no longer takes: the tokenizer was
+# named there, and is now chosen by the text encoder's config (and travels in the checkpoint).
+RETIRED_DATA_KEYS = ("tokenizer_name",)
 
 
 class CheckpointError(ValueError):
@@ -52,8 +56,12 @@ class TrainedModel:
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """The resolved data config of the training run (a copy: callers override paths)."""
-        return copy.deepcopy(self.run_config["data"])
+        """The resolved data config of the training run (a copy: callers override paths),
+        without the keys the datamodule no longer takes."""
+        data = copy.deepcopy(self.run_config["data"])
+        for key in RETIRED_DATA_KEYS:
+            data.pop(key, None)
+        return data
 
     @property
     def image_size(self) -> int:
@@ -166,7 +174,11 @@ def build_model(
 
 
 def load_weights(model: VQAModel, state: Mapping[str, Tensor], where: str) -> None:
-    """``model.load_state_dict(state)``, explaining a mismatch instead of listing raw keys."""
+    """``model.load_state_dict(state)``, explaining a mismatch instead of listing raw keys.
+
+    Fusion weights saved under a block's older parameter names are renamed first, so the key
+    comparison below sees what ``load_state_dict`` would load."""
+    state = upgrade_legacy_keys(model, state)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

@@ -7,7 +7,6 @@ state a checkpoint needs so that a resumed run continues exactly where it stoppe
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,20 +19,20 @@ from pytorch_lightning import LightningModule
 from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import GradClipAlgorithmType
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MaxMetric, Metric
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vqa.data.batch import VQABatch
+from vqa.inference import run_model
 from vqa.metrics import SoftScoreAccuracy, StepMean, VQAAccuracy
 from vqa.models.vqa_model import VQAModel, VQAOutput
+from vqa.optim import SchedulerFactory, build_optimization, check_scheduler, parameter_groups
 
 # The training epoch's running metrics: checkpointed (a mid-epoch checkpoint holds the batches
 # seen so far), gathered over DDP ranks when saved, emptied when a new epoch starts.
 TRAIN_EPOCH_METRICS = ("train_acc", "train_loss")
 ANSWER_TYPE_KEYS = {"yes/no": "acc_yesno", "number": "acc_number", "other": "acc_other"}
 LOSSES = ("bce", "ce")
-NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
 
 
 def capture_rng_states(device: torch.device) -> dict[str, Any]:
@@ -112,14 +111,13 @@ class VQALitModule(LightningModule):
         net: VQAModel,
         answer_vocab: Sequence[str],
         optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: SchedulerFactory | None = None,
         question_types: Sequence[str] = (),
         loss: str = "bce",
         image_dropout: float = 0.1,
         question_dropout: float = 0.1,
         encoder_lr_multiplier: float = 0.1,
         text_lr_multiplier: float | None = None,
-        warmup_fraction: float = 0.05,
-        min_lr_ratio: float = 0.01,
         run_config: dict[str, Any] | None = None,
         data_artifacts: dict[str, Any] | None = None,
     ) -> None:
@@ -134,19 +132,18 @@ class VQALitModule(LightningModule):
                 "a sample never loses both modalities, so module.image_dropout + "
                 f"module.question_dropout must be <= 1, got {image_dropout} + {question_dropout}"
             )
-        if not 0.0 <= warmup_fraction <= 1.0 or not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(
-                "module.warmup_fraction and module.min_lr_ratio must lie in [0, 1], got "
-                f"{warmup_fraction} and {min_lr_ratio}"
-            )
+        # the optimizer and the schedule are built at fit start; a wrong argument fails here
+        check_scheduler(scheduler)
         # Plain values only: the checkpoint's hyper_parameters must load with weights_only=True.
-        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        # The optimizer and scheduler configs are in run_config.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         # A modality that is never dropped never reads its learned null: frozen, it stays out of
         # the optimizer and of DDP's check that every trainable parameter gets a gradient.
         net.null_image.requires_grad_(image_dropout > 0)
         net.null_question.requires_grad_(question_dropout > 0)
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.answer_vocab = list(answer_vocab)
 
         # Training scores on the device, from the targets: the string-level official metric
@@ -170,7 +167,7 @@ class VQALitModule(LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: VQABatch, **drop: Tensor | None) -> VQAOutput:
-        return self.net(**batch.model_inputs(), **drop)
+        return run_model(self.net, batch, **drop)
 
     def sample_modality_dropout(self, batch_size: int) -> dict[str, Tensor]:
         """Per-sample masks: a sample loses its image or its question, never both.
@@ -278,15 +275,6 @@ class VQALitModule(LightningModule):
     def test_step(self, batch: VQABatch, batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
-    def predict_step(self, batch: VQABatch, batch_idx: int) -> dict[str, Any]:
-        out = self(batch)
-        real = batch.num_real_questions  # padding rows (static shapes) come last
-        return {
-            "question_id": batch.question_id[:real],
-            "answer": self.decode(out.logits[:real]),
-            "logits": out.logits[:real],
-        }
-
     def _log_accuracy(self, stage: str) -> Tensor:
         metric: VQAAccuracy | SoftScoreAccuracy = getattr(self, f"{stage}_acc")
         result = metric.compute()  # synced across DDP ranks by torchmetrics
@@ -388,46 +376,19 @@ class VQALitModule(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: each encoder apart (its own LR), and no weight decay on norms, biases,
-        embeddings and other vectors (learned nulls, scales), whose decay only hurts.
+        """Optimizer groups (:func:`vqa.optim.parameter_groups`): each encoder apart with its own
+        LR multiplier, the fusion and head at the configured LR, and no weight decay on norms,
+        biases, embeddings and other vectors.
 
         Groups are named ``visual``, ``text`` and ``fusion_head`` (``_no_decay`` appended;
-        ``lr-AdamW/text`` in the LR monitor) and marked ``lr_scale``, applied to the
-        optimizer's LR in :meth:`configure_optimizers`. The text encoder has its own
-        multiplier because a BERT trained from scratch is unstable at an LR a CNN and the
-        fusion take well (``text_lr_multiplier``; null = ``encoder_lr_multiplier``).
+        ``lr-AdamW/text`` in the LR monitor). The text encoder has its own multiplier because a
+        BERT trained from scratch is unstable at an LR a CNN and the fusion take well
+        (``text_lr_multiplier``; null = ``encoder_lr_multiplier``).
         """
-        text_scale = self.hparams.text_lr_multiplier
-        scales = {
-            "visual": self.hparams.encoder_lr_multiplier,
-            "text": self.hparams.encoder_lr_multiplier if text_scale is None else text_scale,
-            "fusion_head": 1.0,
-        }
-        owner = {
-            id(p): name for name in ("visual", "text") for p in getattr(self.net, name).parameters()
-        }
-        no_decay = {
-            id(p)
-            for m in self.net.modules()
-            for name, p in m.named_parameters(recurse=False)
-            if isinstance(m, NO_DECAY_MODULES) or name.endswith("bias") or p.ndim <= 1
-        }
-        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-        for p in self.net.parameters():
-            if p.requires_grad:
-                key = (owner.get(id(p), "fusion_head"), id(p) in no_decay)
-                groups.setdefault(key, []).append(p)
-        result = []
-        for (name, skip_decay), params in sorted(groups.items()):
-            group: dict[str, Any] = {
-                "params": params,
-                "name": name + ("_no_decay" if skip_decay else ""),
-                "lr_scale": scales[name],
-            }
-            if skip_decay:
-                group["weight_decay"] = 0.0
-            result.append(group)
-        return result
+        encoder, text = self.hparams.encoder_lr_multiplier, self.hparams.text_lr_multiplier
+        return parameter_groups(
+            self.net, {"visual": encoder, "text": encoder if text is None else text}
+        )
 
     def configure_gradient_clipping(
         self,
@@ -456,28 +417,12 @@ class VQALitModule(LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=self.parameter_groups())
-        # The optimizer filled in its configured LR; scale it before the scheduler records it
-        # as each group's peak (initial_lr).
-        for group in optimizer.param_groups:
-            group["lr"] *= group["lr_scale"]
-        # Optimizer steps over the whole run, accumulation and limit_train_batches included;
-        # the same on resume, so a restored scheduler continues on the same curve.
-        total_steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total_steps):
-            raise ValueError(
-                "the cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
-            )
-        total_steps = max(1, int(total_steps))
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer,
-            num_warmup_steps=int(self.hparams.warmup_fraction * total_steps),
-            num_training_steps=total_steps,
-            min_lr_rate=self.hparams.min_lr_ratio,
+        """The configured optimizer and LR schedule (:func:`vqa.optim.build_optimization`), over
+        the optimizer steps of the whole run: accumulation and limit_train_batches included, the
+        same on resume, so a restored scheduler continues on the same curve."""
+        return build_optimization(
+            self.parameter_groups(),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            self.trainer.estimated_stepping_batches,
         )
-        # interval=step: Lightning steps it once per optimizer step, i.e. after the last of
-        # accumulate_grad_batches micro-batches, never per micro-batch.
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }

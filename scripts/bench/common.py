@@ -5,6 +5,7 @@ the feature store."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -25,10 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 from torch.utils.weak import WeakIdKeyDictionary
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vqa.data.batch import VQABatch
 from vqa.lit_module import VQALitModule
+from vqa.optim import build_optimization
 from vqa.utils import (
     drop_logger_only_callbacks,
     instantiate_callbacks,
@@ -340,26 +341,6 @@ def autocast_context(
     raise ValueError(f"the bare loop supports 32-true, bf16-mixed and 16-mixed, not {precision!r}")
 
 
-def configure_optimization(
-    module: VQALitModule, total_steps: int, optimizer_kwargs: dict[str, Any] | None = None
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """What ``VQALitModule.configure_optimizers`` builds, for a run of ``total_steps`` steps:
-    AdamW over the module's parameter groups (LR scaled per group), cosine with warm-up.
-    ``optimizer_kwargs`` go to the configured optimizer (``fused=True``, ``foreach=True``)."""
-    optimizer = module.optimizer_factory(
-        params=module.parameter_groups(), **(optimizer_kwargs or {})
-    )
-    for group in optimizer.param_groups:
-        group["lr"] *= group["lr_scale"]
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=int(module.hparams.warmup_fraction * total_steps),
-        num_training_steps=total_steps,
-        min_lr_rate=module.hparams.min_lr_ratio,
-    )
-    return optimizer, scheduler
-
-
 class BareLoop:
     """One training step of ``VQALitModule`` under the Trainer, in plain PyTorch.
 
@@ -380,9 +361,16 @@ class BareLoop:
     ) -> None:
         self.module, self.device, self.precision = module, device, precision
         self.clip_val = clip_val
-        self.optimizer, self.scheduler = configure_optimization(
-            module, total_steps, optimizer_kwargs
+        # What VQALitModule.configure_optimizers builds, for a run of total_steps steps;
+        # optimizer_kwargs go to the configured optimizer (fused=True, foreach=True).
+        optimizer = module.optimizer_factory
+        if optimizer_kwargs:
+            optimizer = functools.partial(optimizer, **optimizer_kwargs)
+        built = build_optimization(
+            module.parameter_groups(), optimizer, module.scheduler_factory, total_steps
         )
+        self.optimizer = built["optimizer"]
+        self.scheduler = built["lr_scheduler"]["scheduler"] if "lr_scheduler" in built else None
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         half = str(precision) == "16-mixed" and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if half else None
@@ -412,7 +400,8 @@ class BareLoop:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def step(self, batch: VQABatch) -> Tensor:
         loss = self.forward_backward(batch)

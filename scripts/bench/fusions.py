@@ -106,7 +106,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _forkserver_pool() -> ProcessPoolExecutor:
     """One fresh process per task, forked from a server that only imported the libraries: no
-    configuration's memory or threads leak into the next, and each skips ~20 s of imports."""
+    configuration's memory or threads leak into the next, and each skips the imports."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "pytorch_lightning", "transformers", "vqa.cli.train"])
     return ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)

@@ -29,7 +29,7 @@ from vqa.utils.op_counter import StepOps, count_ops
 
 # Fused AdamW: the other implementations keep each parameter's step count on the CPU and read it
 # with .item() every step, host reads that make no GPU wait but would fill the sync column.
-OPS_OVERRIDES = ["data.num_workers=0", "+module.optimizer.fused=true"]
+OPS_OVERRIDES = ["data.num_workers=0", "optimizer.fused=true"]
 OPS_NOTE = (
     "aten ops = every op the dispatcher ran (views included), a proxy for the kernels a GPU "
     "launches; host syncs = ops whose result the host must wait for (.item(), bool(t), nonzero "

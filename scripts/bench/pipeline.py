@@ -71,13 +71,13 @@ def loader_rate(overrides: Sequence[str], batches: int, workdir: Path) -> dict[s
 COCO_SIZE = (640, 480)
 COCO_JPEG_QUALITY = 90
 VQA_V2_QUESTIONS_PER_IMAGE = 5.4
-# Issue 19's goal for the 448 px recipe on a 16-core GPU host.
+# The loader rate the GPU step's goal needs for the 448 px recipe on a 16-core GPU host.
 LOADER_GOAL_QUESTIONS_PER_S = 3000.0
 TARGET_WORKERS = 16
-# The VQA v2 recipe's data side as train.py composes it; the model choices only matter for what
-# the data config reads from them (the tokenizer: null builds WordPiece from the questions, as
-# bert-base-uncased cannot be downloaded here). No CUDA to pin for, and the synthetic answers are
-# too few for the recipe's count threshold (the vocabulary size barely touches the loader).
+# The VQA v2 recipe's data side as train.py composes it. The loader is handed no tokenizer choice,
+# so it builds WordPiece from the questions (bert-base-uncased cannot be downloaded here). No CUDA
+# to pin for, and the synthetic answers are too few for the recipe's count threshold (the
+# vocabulary size barely touches the loader).
 JPEG_RECIPE = [
     "experiment=vqav2_resnet101_bert",
     "model/text=bert_base_random",

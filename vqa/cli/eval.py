@@ -36,6 +36,7 @@ from vqa.config_schema import register_schemas
 from vqa.data.batch import VQABatch
 from vqa.data.datamodule import VQADataModule
 from vqa.data.table import column
+from vqa.inference import run_model
 from vqa.models.vqa_model import VQAModel
 from vqa.official_scorer import EvalReport, evaluate_results
 from vqa.utils import apply_extras, instantiate_callbacks, set_project_root
@@ -65,7 +66,7 @@ class SplitPredictor(pl.LightningModule):
 
     def predict_step(self, batch: VQABatch, batch_idx: int) -> Tensor:
         real = batch.num_real_questions  # padding rows (static shapes) come last
-        answer_ids = self.net(**batch.model_inputs()).logits[:real].argmax(dim=1)
+        answer_ids = run_model(self.net, batch).logits[:real].argmax(dim=1)
         self._question_ids.append(batch.question_id[:real])
         self._answer_ids.append(answer_ids)
         return answer_ids  # kept by the caller only with return_predictions=True
@@ -139,9 +140,6 @@ def resolve_data_config(
         for key, value in kept.items():
             overlay[key] = value
         log.info("data source swapped to %s; keeping the checkpoint's %s", data.get("source"), kept)
-        # The tokenizer object comes from the checkpoint; the group's tokenizer_name may
-        # interpolate a model config that evaluation does not have.
-        overlay.tokenizer_name = trained_cfg.get("tokenizer_name")
     values = OmegaConf.to_container(overlay, resolve=True)
     values = {k: v for k, v in values.items() if v is not None}
     return values if swap_source else {**trained_cfg, **values}
@@ -150,12 +148,14 @@ def resolve_data_config(
 def build_datamodule(
     trained: TrainedModel, data_config: dict[str, Any], split: str
 ) -> VQADataModule:
-    """The datamodule for ``split`` with the checkpoint's answer vocabulary and tokenizer."""
+    """The datamodule for ``split`` with the checkpoint's answer vocabulary and tokenizer, and
+    its visual encoder described (cached features are checked against it)."""
     # Objects go to the partial, not to instantiate(): Hydra would turn the AnswerVocab
     # dataclass into a config node.
     datamodule = instantiate(OmegaConf.create(data_config), _partial_=True)(
         answer_vocab=trained.answer_vocab, tokenizer=trained.tokenizer, test_split=split
     )
+    datamodule.use_visual_encoder(trained.model.visual.describe())
     datamodule.prepare_data()
     datamodule.setup("predict")
     return datamodule

@@ -27,7 +27,10 @@ from torch import Tensor, nn
 
 from vqa.checkpoint import TrainedModel, build_model, load_checkpoint, load_weights, text_vocab_size
 from vqa.data.artifacts import load_artifacts, save_artifacts
+from vqa.data.batch import VQABatch
 from vqa.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vqa.data.preprocess import Preprocessor
+from vqa.inference import score_function
 from vqa.utils import apply_extras, set_project_root
 from vqa.utils.project import CONFIG_DIR
 
@@ -47,7 +50,11 @@ class ExportError(RuntimeError):
 
 
 class LogitsModel(nn.Module):
-    """The tensor-only signature an exporter can trace: attention maps are dropped."""
+    """The tensor-only signature an exporter can trace: attention maps are dropped.
+
+    Its inputs are those of a batch with one image per question (:func:`export_inputs`), for
+    which the model's ``image_index`` is the identity and can be left out.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -57,19 +64,30 @@ class LogitsModel(nn.Module):
         return self.model(images=images, input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def export_inputs(batch: VQABatch) -> tuple[Tensor, Tensor, Tensor]:
+    """The exported graph's inputs (:data:`INPUT_NAMES` order) of a batch with one image per
+    question, such as :class:`~vqa.data.preprocess.Preprocessor` makes."""
+    if batch.images is None or not torch.equal(
+        batch.image_index.cpu(), torch.arange(batch.num_questions)
+    ):
+        raise ValueError("the exported model takes images, one per question, in question order")
+    return batch.images, batch.input_ids, batch.attention_mask
+
+
 def example_inputs(
     trained: TrainedModel, batch_size: int, seq_len: int, seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Random images and token ids; every other question is padded, so masks are exercised."""
+    """Random images and token ids, collated by the checkpoint's preprocessing; every other
+    question is shorter than ``seq_len`` (down to the shortest), so masks are exercised."""
     generator = torch.Generator().manual_seed(seed)
-    size = trained.image_size
+    preprocessor = Preprocessor.for_model(trained)
+    size = preprocessor.image_size
     images = torch.randn(batch_size, 3, size, size, generator=generator)
-    ids = torch.randint(0, len(trained.tokenizer), (batch_size, seq_len), generator=generator)
-    lengths = torch.full((batch_size,), seq_len)
-    lengths[1::2] = max(MIN_QUESTION_TOKENS, seq_len // 2)
-    mask = (torch.arange(seq_len) < lengths[:, None]).long()
-    ids = ids.masked_fill(mask == 0, trained.tokenizer.pad_token_id)
-    return images, ids, mask
+    ids = torch.randint(0, len(preprocessor.tokenizer), (batch_size, seq_len), generator=generator)
+    lengths = [seq_len] * batch_size
+    lengths[1::2] = [max(MIN_QUESTION_TOKENS, seq_len // 2)] * len(lengths[1::2])
+    token_ids = [row[:length].tolist() for row, length in zip(ids, lengths, strict=True)]
+    return export_inputs(preprocessor.collate(token_ids, images))
 
 
 def export_onnx(
@@ -172,7 +190,7 @@ def export_config(trained: TrainedModel, model_file: str) -> dict[str, Any]:
         },
         "max_question_length": trained.max_question_length,
         "outputs": {"logits": {"shape": ["batch", len(trained.answer_vocab)]}},
-        "scores": "sigmoid" if trained.loss == "bce" else "softmax",
+        "scores": score_function(trained.loss),
         "hparams": {k: trained.hparams.get(k) for k in ("loss", "question_types")},
         "run_config": trained.run_config,
     }

@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 
 from vqa.callbacks import Preempted
 from vqa.config_schema import register_schemas
+from vqa.data.tokenizer import tokenizer_spec
 from vqa.models.compilation import compile_network
 from vqa.utils import (
     apply_extras,
@@ -38,8 +39,11 @@ log = logging.getLogger(__name__)
 
 
 def build_components(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """Data first: the answer vocabulary and the tokenizer size the model."""
+    """Data first: the answer vocabulary and the tokenizer (the text encoder's, see
+    :func:`~vqa.data.tokenizer.tokenizer_spec`) size the model. Then the datamodule gets the
+    visual encoder's description, against which it checks cached features before any fit."""
     datamodule = instantiate(cfg.data)
+    datamodule.use_tokenizer(tokenizer_spec(cfg.model.get("text")))
     datamodule.prepare_data()
     datamodule.setup("fit")
     net = instantiate(
@@ -47,6 +51,7 @@ def build_components(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightn
         num_answers=len(datamodule.answer_vocab),
         vocab_size=len(datamodule.tokenizer),
     )
+    datamodule.use_visual_encoder(net.visual.describe())
     compile_network(net, cfg.get("compile"), cfg.data.get("static_shapes"))
     module = instantiate(cfg.module)(
         net=net,

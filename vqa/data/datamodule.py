@@ -1,9 +1,12 @@
 """The LightningDataModule: split tables -> answer vocabulary, tokenizer, cached encodings ->
 batches of images (or cached stage features), padded questions and soft targets.
 
-Built by Hydra from ``configs/data/<name>.yaml``. Evaluation passes a checkpoint's
-``answer_vocab`` and ``tokenizer`` (see :mod:`vqa.data.artifacts`) so class ids and token ids
-match the trained model.
+Built by Hydra from ``configs/data/<name>.yaml``. What the model decides comes from the entry
+point, never from the model itself: training hands over which tokenizer to build
+(:meth:`VQADataModule.use_tokenizer`, chosen by :func:`vqa.data.tokenizer.tokenizer_spec`) and
+the visual encoder's description (:meth:`VQADataModule.use_visual_encoder`); evaluation passes a
+checkpoint's ``answer_vocab`` and ``tokenizer`` (see :mod:`vqa.data.artifacts`) so class ids and
+token ids match the trained model.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import pytorch_lightning as pl
 import torch
 from datasets import Dataset, Features, List, Value
 from filelock import FileLock
-from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerFast
 
@@ -32,9 +34,15 @@ from vqa.data.batch import VQABatch
 from vqa.data.collate import StaticShapes, VQACollator
 from vqa.data.dataset import VQADataset
 from vqa.data.errors import BadRecordLog, DataError, OnBadRecord
-from vqa.data.features import FeatureStore, FeatureStoreError, split_images
+from vqa.data.features import (
+    FeatureStore,
+    FeatureStoreError,
+    VisualEncoderDescription,
+    split_images,
+)
 from vqa.data.images import build_transform
 from vqa.data.loader import ResumableDataLoader
+from vqa.data.preprocess import question_token_ids
 from vqa.data.samplers import (
     DistributedImageGroupedSampler,
     ImageGroupedSampler,
@@ -42,7 +50,7 @@ from vqa.data.samplers import (
 )
 from vqa.data.sources import DataSource
 from vqa.data.table import SplitTable, column
-from vqa.data.tokenizer import load_tokenizer
+from vqa.data.tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +74,13 @@ def encode_batch(
     vocab: AnswerVocab,
     max_length: int,
 ) -> dict[str, list[list[Any]]]:
-    """Token ids (with [CLS]/[SEP], truncated to ``max_length``) and sparse soft targets.
+    """Token ids (:func:`~vqa.data.preprocess.question_token_ids`, as prediction tokenises)
+    and sparse soft targets.
 
-    Targets are stored sparse (a few ids per question, not 3129 floats) and densified per batch.
+    Targets are stored sparse (a few ids per question, not one float per answer) and densified
+    per batch.
     """
-    input_ids = tokenizer(
-        questions,
-        truncation=True,
-        max_length=max_length,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-    )["input_ids"]
+    input_ids = question_token_ids(tokenizer, questions, max_length)
     scores = [soft_scores(human, vocab) if human else {} for human in answers]
     return {
         "input_ids": input_ids,
@@ -100,10 +104,15 @@ class VQADataModule(pl.LightningDataModule):
     After ``setup()``: ``answer_vocab``, ``tokenizer``, ``question_types`` (sorted, all loaded
     annotated splits) and ``bad_records`` ({split: {reason: count}} of skipped records).
 
+    The tokenizer is ``tokenizer`` when given (a checkpoint's), else the one
+    :meth:`use_tokenizer` chose, built at ``setup`` (by default a WordPiece vocabulary from the
+    training questions).
+
     ``features="cached"`` reads each split's images as stage maps from
     ``feature_dir/<split>`` (:mod:`vqa.data.features`) instead of decoding them; batches then
-    carry ``visual_features`` instead of ``images``. Once a trainer runs it, the model's visual
-    encoder is checked against the store (frozen, same stages, channels and weights).
+    carry ``visual_features`` instead of ``images``. The model's visual encoder, described to
+    :meth:`use_visual_encoder`, is checked against the stores (frozen, same stages, channels and
+    weights); a trainer refuses to run on stores nothing was checked against.
 
     ``static_shapes`` ({questions: B, images: U, tokens: N}) pads every training batch to those
     sizes (:class:`~vqa.data.collate.VQACollator`), for CUDA graphs. ``images: null`` takes the
@@ -123,7 +132,6 @@ class VQADataModule(pl.LightningDataModule):
         val_split: str = "val2014",
         test_split: str | None = "val2014",
         vocab_splits: Sequence[str] = ("train2014", "val2014"),
-        tokenizer_name: str | None = None,
         max_question_length: int = 14,
         image_size: int = 448,
         augment: bool = False,
@@ -164,7 +172,7 @@ class VQADataModule(pl.LightningDataModule):
         self.root = None if root is None else Path(root)
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.vocab_splits = list(vocab_splits)
-        self.tokenizer_name = tokenizer_name
+        self.tokenizer_spec = TokenizerSpec()
         self.max_question_length = max_question_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -186,8 +194,24 @@ class VQADataModule(pl.LightningDataModule):
         self.features: VisualInput = features
         self.feature_dir = None if feature_dir is None else Path(feature_dir)
         self.feature_stores: dict[str, FeatureStore] = {}
+        self.visual_encoder: VisualEncoderDescription | None = None
         self._train_position: dict[str, int] | None = None  # from a checkpoint, not yet applied
         self.static_shapes = _static_shapes_config(static_shapes, batch_size, max_question_length)
+
+    # ------------------------------------------------------------------ what the model decides
+
+    def use_tokenizer(self, spec: TokenizerSpec) -> None:
+        """Build this tokenizer at ``setup`` (:func:`vqa.data.tokenizer.tokenizer_spec` of the
+        text encoder's config); a ready ``tokenizer`` given to the constructor wins."""
+        self.tokenizer_spec = spec
+
+    def use_visual_encoder(self, encoder: VisualEncoderDescription) -> None:
+        """The model's visual encoder, described (``model.visual.describe()``): with
+        ``features="cached"`` the stores of the set-up splits are checked against it now, and
+        those of splits set up later when they are opened."""
+        self.visual_encoder = encoder
+        if self.features == "cached":
+            self._check_visual_encoder(list(self.feature_stores))
 
     # ------------------------------------------------------------------ loading
 
@@ -237,17 +261,21 @@ class VQADataModule(pl.LightningDataModule):
             answers = [a for t in tables for a in column(t.table, "multiple_choice_answer")]
             self.answer_vocab = AnswerVocab.build(answers, min_count=self.min_answer_count)
         if self.tokenizer is None:
-            texts = (
-                column(self.table(self.train_split).table, "question")
-                if self.tokenizer_name is None
-                else None
+            self.tokenizer = self.tokenizer_spec.load(
+                lambda: column(self.table(self.train_split).table, "question")
             )
-            self.tokenizer = load_tokenizer(self.tokenizer_name, texts=texts)
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self._dataset(split)
-        if self.features == "cached" and self.trainer is not None:
-            self.check_visual_encoder(self.trainer.lightning_module.net.visual, splits)
+        if self.features == "cached" and self.visual_encoder is not None:
+            self._check_visual_encoder(splits)
+        elif self.features == "cached" and self.trainer is not None:
+            raise FeatureStoreError(
+                "data.features=cached, but no visual encoder was described to the datamodule to "
+                "check the feature stores against: call "
+                "datamodule.use_visual_encoder(model.visual.describe()) before the trainer runs "
+                "(vqa.cli.train does)"
+            )
         self.question_types = sorted(
             {
                 qt
@@ -338,10 +366,14 @@ class VQADataModule(pl.LightningDataModule):
         self.feature_stores[split] = store
         return rows
 
-    def check_visual_encoder(self, encoder: nn.Module, splits: Sequence[str]) -> None:
+    def _check_visual_encoder(self, splits: Sequence[str]) -> None:
         """The model must read the stores it would compute itself: a frozen encoder (cached
         maps cannot follow trained weights) with the stores' stages, channels and weights."""
-        if trainable := [n for n, p in encoder.named_parameters() if p.requires_grad]:
+        encoder = self.visual_encoder
+        if encoder is None:
+            return
+        if not encoder.frozen:
+            trainable = encoder.trainable
             raise FeatureStoreError(
                 "data.features=cached needs a frozen visual encoder (model.visual.freeze=all): "
                 f"{len(trainable)} of its parameters are trainable (e.g. {trainable[0]})"
@@ -354,8 +386,8 @@ class VQADataModule(pl.LightningDataModule):
     ) -> Any:
         """Move a :class:`~vqa.data.batch.VQABatch`'s tensors; its host records stay.
 
-        Lightning's default walks every element of every nested sequence: the ten human answers
-        of each question made that about 7 ms per batch of 64 on CPU, 6 % of a quick-start step.
+        Lightning's default walks every element of every nested sequence, the ten human answers
+        of each question included, which cost a noticeable share of a quick-start step on CPU.
         Other batch types (a caller's own loader) get Lightning's default.
         """
         if isinstance(batch, VQABatch):

@@ -17,6 +17,9 @@ One folder per split::
 Rows are computed in fixed chunks; a chunk's features reach the disk before its status does.
 An interrupted extraction therefore resumes at the first unfinished chunk and, computing each
 chunk exactly as an uninterrupted run would, ends with a byte-identical store.
+
+The encoder is known here only by what it says of itself (:class:`VisualEncoderDescription`,
+:class:`StageEncoder`): the data side never imports the model code.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,7 +53,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from vqa.data.table import column
-from vqa.models.visual import STAGES
 
 log = logging.getLogger(__name__)
 FORMAT = "coattn-vqa-features/1"
@@ -81,6 +83,38 @@ TRAINING_ONLY_KEYS = ("freeze", "gradient_checkpointing")
 
 class FeatureStoreError(RuntimeError):
     """A store that is missing, incomplete, or made with other settings than the ones asked for."""
+
+
+class VisualEncoderDescription(Protocol):
+    """What a visual encoder says of itself (the model side's ``VisualEncoderSpec``): the stages
+    it returns in network order, their channels, a digest per stage of every weight that stage's
+    map depends on, and whether it is frozen (cached maps cannot follow trained weights)."""
+
+    @property
+    def stages(self) -> tuple[str, ...]: ...
+
+    @property
+    def frozen(self) -> bool: ...
+
+    @property
+    def trainable(self) -> tuple[str, ...]: ...
+
+    def stage_channels(self) -> dict[str, int]: ...
+
+    def stage_digests(self) -> dict[str, str]: ...
+
+
+class StageEncoder(Protocol):
+    """A visual encoder as extraction uses it (the model side's ``ResNetEncoder``): images to
+    {stage name: map}, its [C, H, W] map shapes at an image size, and its description."""
+
+    def __call__(self, images: Tensor) -> Mapping[str, Tensor]: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def stage_shapes(self, image_size: int) -> dict[str, tuple[int, int, int]]: ...
+
+    def describe(self) -> VisualEncoderDescription: ...
 
 
 @dataclass(frozen=True)
@@ -132,28 +166,6 @@ class Manifest:
 # ------------------------------------------------------------------------------- identities
 
 
-def stage_digests(encoder: nn.Module) -> dict[str, str]:
-    """Per stage, a digest of every weight its output depends on (the stem and the stages up to
-    and including it), so a model reading only layer3 can be checked against a store made by an
-    encoder that went on to layer4.
-
-    BatchNorm's ``num_batches_tracked`` is left out: an eval-mode forward never reads it and
-    FrozenBatchNorm2d has none, so ``bn=train`` and ``bn=frozen`` with the same weights agree.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    digests = {}
-    for name, module in encoder.body.items():
-        for key, tensor in module.state_dict().items():
-            if key.endswith("num_batches_tracked"):
-                continue
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{name}.{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(flat.view(torch.uint8).numpy().data)
-        if name in STAGES:
-            digests[name] = digest.copy().hexdigest()
-    return digests
-
-
 @dataclass(frozen=True)
 class SplitImages:
     """The distinct images of a split: sorted ids, the first table row showing each, and a
@@ -186,7 +198,7 @@ def read_manifest(directory: str | Path) -> Manifest | None:
 
 
 def build_manifest(
-    encoder: nn.Module,
+    encoder: StageEncoder,
     encoder_config: dict[str, Any],
     split: str,
     images: SplitImages,
@@ -194,16 +206,14 @@ def build_manifest(
     dtype: str,
     batch_size: int,
 ) -> Manifest:
-    """The manifest ``encoder`` would write for ``images`` (stage shapes from a dummy forward)."""
+    """The manifest ``encoder`` would write for ``images``: its stages, their map shapes at
+    ``image_size`` and their weight digests (from the encoder's own description)."""
     if dtype not in DTYPES:
         raise ValueError(f"feature dtype must be one of {DTYPES}, got {dtype!r}")
-    device = next(encoder.parameters()).device
-    with torch.inference_mode():
-        maps = encoder(torch.zeros(1, 3, image_size, image_size, device=device))
-    stages = tuple(
-        Stage(name, tuple(m.shape[1:])) for name, m in zip(encoder.stage_names, maps, strict=True)
-    )
-    digests = stage_digests(encoder)
+    description = encoder.describe()
+    shapes = encoder.stage_shapes(image_size)
+    digests = description.stage_digests()
+    stages = tuple(Stage(name, tuple(shapes[name])) for name in description.stages)
     return Manifest(
         split=split,
         encoder={k: v for k, v in encoder_config.items() if k not in TRAINING_ONLY_KEYS},
@@ -340,10 +350,12 @@ def _collate_chunk(items: list[tuple[int, Tensor | None]]) -> tuple[Tensor | Non
     return (torch.stack(kept) if kept else None), unreadable
 
 
-def encode_rows(encoder: nn.Module, pixels: Tensor, manifest: Manifest) -> np.ndarray:
-    """[n, row_size] stage maps, flattened and concatenated, in the store's dtype."""
+def encode_rows(encoder: StageEncoder, pixels: Tensor, manifest: Manifest) -> np.ndarray:
+    """[n, row_size] stage maps, flattened and concatenated in the manifest's stage order, in
+    the store's dtype."""
     with torch.inference_mode():
-        maps = encoder(pixels)
+        named = encoder(pixels)
+    maps = [named[s.name] for s in manifest.stages]
     flat = torch.cat([m.flatten(1) for m in maps], dim=1).to(getattr(torch, manifest.dtype))
     if not torch.isfinite(flat).all():
         peaks = {s.name: float(m.abs().amax()) for s, m in zip(manifest.stages, maps, strict=True)}
@@ -378,7 +390,7 @@ def _progress(enabled: bool, description: str, total: int, done: int) -> Iterato
 
 
 def extract_split(
-    encoder: nn.Module,
+    encoder: StageEncoder,
     images: torch.utils.data.Dataset,
     writer: FeatureWriter,
     *,
@@ -493,20 +505,20 @@ class FeatureStore:
             )
         self.stages = tuple(stored[n] for n in names)
 
-    def check_encoder(self, encoder: nn.Module) -> None:
-        """Refuse an encoder other than the one that made the store, and read its stages from
-        now on. Stages, channels and weights must match, or a checkpoint trained on these
-        features would evaluate on images with a visual encoder it never saw."""
-        self.use_stages(encoder.stage_names)
+    def check_encoder(self, encoder: VisualEncoderDescription) -> None:
+        """Refuse an encoder (its description) other than the one that made the store, and read
+        its stages from now on. Stages, channels and weights must match, or a checkpoint trained
+        on these features would evaluate on images with a visual encoder it never saw."""
+        self.use_stages(encoder.stages)
         widths = {s.name: s.shape[0] for s in self.stages}
-        channels = dict(zip(encoder.stage_names, encoder.out_channels, strict=True))
+        channels = encoder.stage_channels()
         if channels != widths:
             raise FeatureStoreError(
                 f"the model's visual stages have {channels} channels, {self.directory} holds "
                 f"{widths} (made by {self.manifest.encoder})"
             )
-        deepest = encoder.stage_names[-1]
-        if stage_digests(encoder)[deepest] != self.manifest.digests[deepest]:
+        deepest = encoder.stages[-1]
+        if encoder.stage_digests()[deepest] != self.manifest.digests[deepest]:
             raise FeatureStoreError(
                 f"the model's visual encoder weights differ from the ones that made "
                 f"{self.directory} ({self.manifest.encoder}): extract with the same "

@@ -1,5 +1,10 @@
 """Question tokenisers: a pretrained BERT tokenizer by name or path, or one built from the data.
 
+Which one a run uses is decided in one place, :func:`tokenizer_spec`: the text encoder's own
+``name_or_path`` (``configs/model/text/*.yaml``), so token ids are those its embedding expects.
+Training hands that choice to the datamodule, which builds the tokenizer at ``setup``;
+evaluation, prediction and export take the tokenizer a checkpoint carries instead.
+
 The built one is the offline default of the synthetic set (paired with a small randomly
 initialised BERT): a BERT WordPiece model (uncased, [PAD]/[UNK]/[CLS]/[SEP]/[MASK]) whose
 vocabulary is every training word plus single-character pieces, so an unseen word is spelled
@@ -12,8 +17,10 @@ from __future__ import annotations
 
 import string
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerFast
 
@@ -75,3 +82,36 @@ def load_tokenizer(
     if save_dir is not None:
         tokenizer.save_pretrained(save_dir)
     return tokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Which tokenizer to build: a pretrained one (hub name or local folder), or with
+    ``name_or_path=None`` a WordPiece vocabulary built from the training questions."""
+
+    name_or_path: str | None = None
+    min_frequency: int = 1
+
+    @property
+    def built_from_questions(self) -> bool:
+        return self.name_or_path is None
+
+    def load(
+        self,
+        training_questions: Callable[[], Iterable[str]] | None = None,
+        save_dir: str | Path | None = None,
+    ) -> PreTrainedTokenizerFast:
+        """The tokenizer; ``training_questions`` is called only when the vocabulary is built
+        from them, so a pretrained tokenizer never loads the training split for nothing."""
+        texts = None
+        if self.built_from_questions and training_questions is not None:
+            texts = training_questions()
+        return load_tokenizer(self.name_or_path, texts, save_dir, self.min_frequency)
+
+
+def tokenizer_spec(text_config: Mapping[str, Any] | None) -> TokenizerSpec:
+    """The one rule for a run's tokenizer: the text encoder config's ``name_or_path`` (null: a
+    WordPiece vocabulary built from the training questions). ``model.text.name_or_path=...``
+    therefore changes the encoder and its tokenizer together."""
+    name_or_path = None if text_config is None else text_config.get("name_or_path")
+    return TokenizerSpec(None if name_or_path is None else str(name_or_path))

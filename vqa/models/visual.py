@@ -1,17 +1,26 @@
 """ResNet visual encoder: a torchvision ResNet cut after its deepest requested stage.
 
 Fusion blocks attend over grid cells, so the encoder returns feature maps of the chosen
-stages instead of a pooled vector; everything past the deepest stage (and the classifier)
-is dropped so it neither runs nor holds parameters.
+stages instead of a pooled vector, by stage name (as torchvision's ``IntermediateLayerGetter``
+does); everything past the deepest stage (and the classifier) is dropped so it neither runs nor
+holds parameters.
+
+What the rest of the code needs to know about an encoder without reaching into its modules
+(stages, channels, a digest of its weights, whether it is frozen) is its
+:meth:`ResNetEncoder.describe`: a :class:`VisualEncoderSpec`, plain data that the feature store
+and the datamodule check a cache against.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import torch
@@ -29,8 +38,42 @@ STEM = ("conv1", "bn1", "relu", "maxpool")
 DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 
 
+@dataclass(frozen=True)
+class VisualEncoderSpec:
+    """What a visual encoder computes, as plain data (:meth:`ResNetEncoder.describe`).
+
+    ``stages`` are the returned stages in network order, ``channels`` their widths.
+    ``digests[i]`` is a digest of every weight the map of ``stages[i]`` depends on (the stem and
+    the stages up to and including it), so a reader of layer3 alone can be checked against maps
+    written by an encoder that went on to layer4. ``trainable`` names the parameters that still
+    receive gradients (empty: fully frozen, a fixed feature function).
+    """
+
+    arch: str
+    stages: tuple[str, ...]
+    channels: tuple[int, ...]
+    digests: tuple[str, ...]
+    trainable: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def frozen(self) -> bool:
+        return not self.trainable
+
+    @property
+    def weights_digest(self) -> str:
+        """Digest of all the encoder's weights (its deepest stage depends on every one)."""
+        return self.digests[-1]
+
+    def stage_channels(self) -> dict[str, int]:
+        return dict(zip(self.stages, self.channels, strict=True))
+
+    def stage_digests(self) -> dict[str, str]:
+        return dict(zip(self.stages, self.digests, strict=True))
+
+
 class ResNetEncoder(nn.Module):
-    """Images [B, 3, H, W] -> one feature map [B, C_s, H_s, W_s] per configured stage.
+    """Images [B, 3, H, W] -> ordered {stage name: feature map [B, C_s, H_s, W_s]} for each
+    configured stage, in network order.
 
     ``freeze`` is ``"none"``, ``"all"``, ``"stem"`` or a stage name (the stem and every stage
     up to and including it). Frozen parts never receive gradients and stay in eval mode, so a
@@ -63,6 +106,7 @@ class ResNetEncoder(nn.Module):
                 "are never normalised; use bn='train' when training from scratch",
                 stacklevel=2,
             )
+        self.arch = arch
         self.stage_names = _ordered_stages(stages)
         built = (*STEM, *STAGES[: STAGES.index(self.stage_names[-1]) + 1])
 
@@ -72,6 +116,7 @@ class ResNetEncoder(nn.Module):
                 torch.manual_seed(init_seed)
             network = _build_resnet(arch, weights, norm_layer)
         self.body = nn.ModuleDict({name: getattr(network, name) for name in built})
+        # The widths in stage order: what a model sizes its fusion block from.
         self.out_channels = [_stage_width(self.body[name]) for name in self.stage_names]
 
         self._frozen = _frozen_names(freeze, built)
@@ -93,17 +138,73 @@ class ResNetEncoder(nn.Module):
                 module.eval()
         return self
 
-    def forward(self, images: Tensor) -> list[Tensor]:
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-        features = []
+        features: OrderedDict[str, Tensor] = OrderedDict()
         for name, module in self.body.items():
             if self._checkpointed(name):
                 x = checkpoint(module, x, use_reentrant=False)
             else:
                 x = module(x)
             if name in self.stage_names:
-                features.append(x)
+                features[name] = x
         return features
+
+    # ------------------------------------------------------------------ self-description
+
+    def stage_channels(self) -> dict[str, int]:
+        """Channels of each returned stage, in network order."""
+        return dict(zip(self.stage_names, self.out_channels, strict=True))
+
+    def stage_shapes(self, image_size: int) -> dict[str, tuple[int, int, int]]:
+        """The [C, H, W] map of each returned stage for a square ``image_size`` input (one
+        forward of a blank image in eval mode: batch-norm statistics stay as they are)."""
+        device = next(self.parameters()).device
+        training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                maps = self(torch.zeros(1, 3, image_size, image_size, device=device))
+        finally:
+            self.train(training)
+        return {name: tuple(m.shape[1:]) for name, m in maps.items()}
+
+    def stage_digests(self) -> dict[str, str]:
+        """Per built stage, a digest of the weights its output depends on: the stem's and those
+        of every stage up to and including it, in network order.
+
+        BatchNorm's ``num_batches_tracked`` is left out: an eval-mode forward never reads it and
+        FrozenBatchNorm2d has none, so ``bn=train`` and ``bn=frozen`` with the same weights agree.
+        Memory layout is not part of it either (``channels_last`` computes the same maps).
+        """
+        digest = hashlib.blake2b(digest_size=16)
+        digests = {}
+        for name, module in self.body.items():
+            for key, tensor in module.state_dict().items():
+                if key.endswith("num_batches_tracked"):
+                    continue
+                flat = tensor.detach().cpu().contiguous().reshape(-1)
+                digest.update(f"{name}.{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(flat.view(torch.uint8).numpy().data)
+            if name in STAGES:
+                digests[name] = digest.copy().hexdigest()
+        return digests
+
+    @property
+    def frozen(self) -> bool:
+        """Whether no parameter receives gradients: a fixed feature function."""
+        return not any(p.requires_grad for p in self.parameters())
+
+    def describe(self) -> VisualEncoderSpec:
+        """Stages, channels, weight digests and trainable parameters, as plain data."""
+        digests = self.stage_digests()
+        return VisualEncoderSpec(
+            arch=self.arch,
+            stages=tuple(self.stage_names),
+            channels=tuple(self.out_channels),
+            digests=tuple(digests[name] for name in self.stage_names),
+            trainable=tuple(n for n, p in self.named_parameters() if p.requires_grad),
+        )
 
     def _checkpointed(self, name: str) -> bool:
         # Only trainable stages keep activations worth recomputing.

@@ -35,6 +35,10 @@ class VQAModel(nn.Module):
     with ``drop_question`` a single learned null token (the other positions become padding,
     so masked softmaxes stay defined). The attribute names ``visual``, ``text``, ``fusion``
     and ``head`` are relied on to build optimizer parameter groups.
+
+    ``visual`` returns its stage maps by name in network order and lists their widths in
+    ``out_channels`` (:class:`~vqa.models.visual.ResNetEncoder`); fusion blocks get the maps as
+    a list in that order.
     """
 
     def __init__(
@@ -60,8 +64,9 @@ class VQAModel(nn.Module):
         self.null_question = nn.Parameter(torch.randn(self.text.hidden_size) * NULL_INIT_STD)
 
     def encode_image(self, images: Tensor) -> list[Tensor]:
-        """Stage feature maps of the visual encoder (what a feature cache stores)."""
-        return self.visual(images)
+        """Stage feature maps of the visual encoder in network order (what a feature cache
+        stores); the encoder returns them by stage name."""
+        return list(self.visual(images).values())
 
     def forward(
         self,

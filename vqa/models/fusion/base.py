@@ -1,4 +1,5 @@
-"""Shared pieces of every fusion block: the output contract and masked attention helpers.
+"""Shared pieces of every fusion block: the output contract, masked attention helpers, the
+grid-and-words inputs and the single-stage base class.
 
 A fusion block is an ``nn.Module`` built by Hydra with ``_partial_: true`` and finished by
 ``VQAModel`` with the dimensions only the encoders know::
@@ -6,12 +7,16 @@ A fusion block is an ``nn.Module`` built by Hydra with ``_partial_: true`` and f
     fusion = cfg_partial(visual_channels=[512, 1024, 2048], text_dim=768)
     out = fusion(visual=[B,C_s,H_s,W_s]..., text=[B,N,D_t], text_mask=[B,N] bool)
 
-and exposes ``out_dim`` so the answer head can be sized.
+and exposes ``out_dim`` so the answer head can be sized. The attention mechanisms the blocks
+share (guided, parallel, alternating and multi-head affinity attention, attention pooling)
+live in ``vqa.models.fusion.attention``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +39,17 @@ class FusionOutput:
 
 
 class FusionBlock(nn.Module):
-    """Base class: stores the input dimensions and the ``out_dim`` contract."""
+    """Base class: stores the input dimensions and the ``out_dim`` contract.
+
+    ``LEGACY_KEYS`` maps older parameter names of a block to its current ones (prefixes relative
+    to the block, e.g. ``{"affinity.": "attention.affinity."}``; the longest matching prefix
+    wins), so a state dict saved before a rename still loads: ``load_state_dict`` renames a key
+    when the renamed key is one of the block's own, also when the block sits inside a larger
+    model. ``upgrade_legacy_keys`` does the same for code that checks keys before loading.
+    """
 
     out_dim: int
+    LEGACY_KEYS: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, visual_channels: list[int], text_dim: int) -> None:
         super().__init__()
@@ -44,6 +57,7 @@ class FusionBlock(nn.Module):
             raise ValueError("fusion needs at least one visual stage (visual_channels is empty)")
         self.visual_channels = list(visual_channels)
         self.text_dim = int(text_dim)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         raise NotImplementedError
@@ -62,6 +76,71 @@ class FusionBlock(nn.Module):
     def fuse(self, prepared: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         """The per-question rest, on ``prepare_visual``'s output repeated per question."""
         return self(prepared, text, text_mask)
+
+    def current_keys(self, keys: Iterable[str]) -> dict[str, str]:
+        """Each of ``keys`` (relative to the block) -> its current name: renamed by
+        ``LEGACY_KEYS`` where that gives one of the block's own keys, else unchanged."""
+        keys = list(keys)
+        if not self.LEGACY_KEYS:
+            return {key: key for key in keys}
+        own = self.state_dict(keep_vars=True).keys()
+        olds = sorted(self.LEGACY_KEYS, key=len, reverse=True)
+        current = {}
+        for key in keys:
+            old = next((old for old in olds if key.startswith(old)), None)
+            renamed = key if old is None else self.LEGACY_KEYS[old] + key[len(old) :]
+            current[key] = renamed if renamed in own else key
+        return current
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict`` (older names renamed), refusing in plain words a strict
+        load whose keys do not match this block's."""
+        if strict:
+            given = set(self.current_keys(state_dict).values())
+            own = set(self.state_dict(keep_vars=True))
+            unknown, missing = sorted(given - own), sorted(own - given)
+            if unknown or missing:
+                problems = [
+                    f"{label} {', '.join(keys)}"
+                    for label, keys in (
+                        ("the block has no parameter or buffer named", unknown),
+                        ("the state dict lacks", missing),
+                    )
+                    if keys
+                ]
+                raise RuntimeError(
+                    f"this state dict does not fit {type(self).__name__}: {'; '.join(problems)}"
+                    f" (older names are renamed with {type(self).__name__}.LEGACY_KEYS first). "
+                    "It was probably saved from another fusion block, or from this one built "
+                    "with other options (form, mode, steps, num_heads, glimpses, "
+                    "spatial_constraint, positional, ...)."
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _rename_legacy_keys(
+    block: FusionBlock, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """Load pre-hook: the block's keys in ``state_dict`` renamed in place by ``LEGACY_KEYS``."""
+    if not block.LEGACY_KEYS:
+        return
+    ours = [key[len(prefix) :] for key in state_dict if key.startswith(prefix)]
+    for key, renamed in block.current_keys(ours).items():
+        if renamed != key:
+            state_dict[prefix + renamed] = state_dict.pop(prefix + key)
+
+
+def upgrade_legacy_keys(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with the older parameter names of every fusion block in ``model`` renamed to
+    the current ones, for code that compares keys before ``load_state_dict`` (which renames by
+    itself)."""
+    upgraded = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, FusionBlock):
+            _rename_legacy_keys(module, upgraded, f"{name}." if name else "")
+    return upgraded
 
 
 def flatten_grid(feature_map: Tensor) -> Tensor:
@@ -133,18 +212,24 @@ def masked_max(x: Tensor, mask: Tensor) -> Tensor:
     return x.masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
 
 
+def joint(image: Tensor, question: Tensor) -> Tensor:
+    """``[v, q, v * q]``: the product term lets the linear layer after it gate visual content
+    by the question."""
+    return torch.cat([image, question, image * question], dim=-1)
+
+
 class SpatialGrid(nn.Module):
     """Turns one ResNet stage into grid tokens that know where they are.
 
     Each cell's normalised box is embedded and added to the projected cell feature, so
     relational questions ("left of") are answerable; ``constraint`` additionally yields the
-    seed's spatial-constraint weights w = sigmoid(MLP(box)) per cell, a prior over cells that
-    the attention blocks apply with ``add_log_prior`` (early fusion pools by w directly).
+    spatial-constraint weights w = sigmoid(MLP(box)) per cell, a prior over cells that the
+    attention blocks apply with ``add_log_prior`` (early fusion pools by w directly).
     ``norm="batch"`` batch-normalises the stage's channels before the projection: maps that no
     trained BatchNorm has normalised (a frozen random encoder read from the feature cache)
-    otherwise kept parallel, alternating and multihead at the question-only prior (issue 5).
-    Off here (cot's key grid reads normalised conv outputs); on by default in ``GridAndWords``,
-    the start of the single-stage blocks (their ``grid_norm``).
+    otherwise kept parallel, alternating and multihead at the question-only prior. Off here
+    (cot's key grid reads normalised conv outputs); on by default in ``GridAndWords``, the
+    start of the single-stage blocks (their ``grid_norm``).
     """
 
     def __init__(
@@ -218,3 +303,71 @@ class GridAndWords(nn.Module):
         words = self.text_proj(text.masked_fill(~mask.unsqueeze(-1), 0.0))
         height, width = feature_map.shape[-2:]
         return GridWords(cells, words, mask, constraint, height, width)
+
+
+class CoAttended(NamedTuple):
+    """What a co-attention gives a single-stage block: the attended image and question vectors
+    [B, D] and the maps to plot, image [B, M] and question [B, N]."""
+
+    image: Tensor
+    question: Tensor
+    image_att: Tensor
+    question_att: Tensor
+
+
+class SingleStageFusion(FusionBlock):
+    """A block over the last visual stage: ``GridAndWords`` inputs, one co-attention between
+    the grid cells and the words, and ``[v, q, v * q]`` projected to ``hidden_dim``.
+
+    ``attention`` builds the co-attention module, called as ``attention(cells, words, mask,
+    prior, top_k, dropout, residual)`` and returning a ``CoAttended`` (see
+    ``vqa.models.fusion.attention``). It is a factory, called between the inputs and
+    ``out_proj``, so the layers are created, and drawn from the random generator, in the order
+    the blocks always used (a seed gives the same initial weights). A block that combines its
+    inputs another way (hierarchical, early) passes no ``attention``, gets no ``out_proj`` and
+    writes its own ``forward``; ``attention_dropout=None``: no dropout on the attention.
+    """
+
+    def __init__(
+        self,
+        visual_channels: list[int],
+        text_dim: int,
+        hidden_dim: int,
+        attention: Callable[[], nn.Module] | None = None,
+        *,
+        top_k: int | None = None,
+        attention_dropout: float | None = None,
+        residual: bool = False,
+        positional: bool = True,
+        spatial_constraint: bool = False,
+        grid_norm: str = "batch",
+    ) -> None:
+        super().__init__(visual_channels, text_dim)
+        self.top_k = top_k
+        self.residual = residual
+        self.out_dim = hidden_dim
+        self.inputs = GridAndWords(
+            self.visual_channels,
+            self.text_dim,
+            hidden_dim,
+            positional,
+            spatial_constraint,
+            grid_norm,
+        )
+        if attention is not None:
+            self.attention = attention()
+            self.out_proj = nn.Linear(3 * hidden_dim, hidden_dim)
+        self.dropout = None if attention_dropout is None else nn.Dropout(attention_dropout)
+
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        x = self.inputs(visual, text, text_mask)
+        out: CoAttended = self.attention(
+            x.cells, x.words, x.mask, x.constraint, self.top_k, self.dropout, self.residual
+        )
+        return FusionOutput(
+            features=self.out_proj(joint(out.image, out.question)),
+            attention={
+                "image": out.image_att.unflatten(-1, (x.height, x.width)),
+                "question": out.question_att,
+            },
+        )

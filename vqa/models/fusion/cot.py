@@ -1,20 +1,23 @@
-"""Multi-scale CoT attention (seed 001): the question attends over every ResNet stage.
+"""Multi-scale CoT attention: the question attends over every ResNet stage.
 
-Per stage the keys come from a grouped 3x3 convolution (each key sees its neighbourhood, so
-"next to" and object extent are in the key) + norm + ReLU, the values from a 1x1 convolution
-+ norm. Keys get the cells' box embedding (and optionally the spatial-constraint weights)
-through ``SpatialGrid``. With scaled affinity ``S = q k^T / sqrt(d)`` [N, M]:
+The keys follow the Contextual Transformer block of Li, Yao, Pan and Mei ("Contextual
+Transformer Networks for Visual Recognition", TPAMI 2022): per stage they come from a grouped
+3x3 convolution (each key sees its neighbourhood, so "next to" and object extent are in the
+key) + norm + ReLU, the values from a 1x1 convolution + norm. Keys get the cells' box
+embedding (and optionally the spatial-constraint weights) through ``SpatialGrid``. The words
+are the queries, and ``attention.affinity_attention`` (the single-head case of multihead's
+attention) gives, with scaled affinity ``S = q k^T / sqrt(d)`` [N, M]:
 
 * every real word's distribution over cells is softmax(S) (top-k sparse if asked), or
   softmax(S + log w) with the spatial constraint's cell weights w (``add_log_prior``);
 * question attention = mean over cells of each cell's distribution over the real words;
 * image attention = those word distributions weighted by the question attention.
 
-The attended value v (plus the stage's mean value as residual: the seed's "+ visual_feats",
-made well-defined on the pooled vector) and the attended question q give the stage output
-[v, q, v * q]; the outputs of all stages are concatenated and projected to ``hidden_dim``.
+The attended value v (plus the stage's mean value as residual, added to the pooled vector)
+and the attended question q give the stage output [v, q, v * q]; the outputs of all stages are
+concatenated and projected to ``hidden_dim``.
 
-Normalisation: ``norm="batch"`` (the seed) uses running statistics in eval mode, so samples
+Normalisation: ``norm="batch"`` (the default) uses running statistics in eval mode, so samples
 are independent there, but in train mode BatchNorm couples the samples of a batch; use
 ``norm="group"`` for per-sample normalisation in training too (e.g. tiny per-device batches).
 """
@@ -26,15 +29,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vqa.models.fusion.base import (
-    FusionBlock,
-    FusionOutput,
-    SpatialGrid,
-    add_log_prior,
-    flatten_grid,
-    keep_top_k,
-    masked_softmax,
-)
+from vqa.models.fusion.attention import affinity_attention, pool
+from vqa.models.fusion.base import FusionBlock, FusionOutput, SpatialGrid, flatten_grid, joint
 from vqa.models.norms import SafeBatchNorm2d
 
 NORMS = ("batch", "group")
@@ -65,7 +61,6 @@ class CoTStage(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.residual = residual
-        self.scale = dim**-0.5
         self.key = nn.Sequential(
             nn.Conv2d(channels, dim, 3, padding=1, groups=groups, bias=False),
             _norm(norm, dim),
@@ -80,25 +75,20 @@ class CoTStage(nn.Module):
     def forward(
         self, feature_map: Tensor, text: Tensor, mask: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """[B, C, H, W], text [B, N, D_t] (0 on padding) -> ([B, 3D], image [B, M], question [B, N])."""
+        """[B, C, H, W], text [B, N, D_t] (0 on padding) -> stage output [B, 3D],
+        image attention [B, M], question attention [B, N]."""
         keys, constraint = self.key_grid(self.key(feature_map))  # [B, M, D], [1, M] | None
         values = flatten_grid(self.value(feature_map))  # [B, M, D]
         queries = self.query(text)  # [B, N, D]
 
-        affinity = (queries @ keys.transpose(1, 2)) * self.scale  # [B, N, M]
-        cell_logits = add_log_prior(affinity, constraint)
-        per_word = masked_softmax(cell_logits, keep_top_k(cell_logits, self.top_k))
-        by_cell = affinity.transpose(1, 2)  # [B, M, N]
-        per_cell = masked_softmax(by_cell, keep_top_k(by_cell, self.top_k, mask.unsqueeze(1)))
-        question_att = per_cell.mean(dim=1)  # [B, N]
-        image_att = (question_att.unsqueeze(1) @ per_word).squeeze(1)  # [B, M]
-
-        attended = (self.dropout(image_att).unsqueeze(1) @ values).squeeze(1)
+        image_att, question_att = affinity_attention(
+            queries, keys, mask, self.top_k, constraint, scaling="multiply"
+        )  # [B, M], [B, N]
+        attended = pool(image_att, values, self.dropout)
         if self.residual:
             attended = attended + values.mean(dim=1)
-        question = (self.dropout(question_att).unsqueeze(1) @ queries).squeeze(1)
-        # The product term lets the projection gate visual content by the question.
-        fused = torch.cat([attended, question, attended * question], dim=-1)
+        question = pool(question_att, queries, self.dropout)
+        fused = joint(attended, question)
         return fused, image_att, question_att
 
 

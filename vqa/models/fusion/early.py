@@ -1,10 +1,10 @@
-"""Early fusion: combine the question with every grid cell, then pool (seed 001's baseline).
+"""Early fusion: combine the question with every grid cell, then pool (a baseline).
 
 The pooled question vector is multiplied with (or added to) each projected grid cell and a
 non-linearity is applied *before* pooling; otherwise the pool would commute with the fusion
 and the cells' box embeddings would collapse to a constant. With ``spatial_constraint`` the
-pool is weighted by the seed's sigmoid(MLP(box)) cell weights (a learned spatial prior), and
-the image attention map is exactly those pooling weights.
+pool is weighted by the sigmoid(MLP(box)) cell weights (a learned spatial prior), and the
+image attention map is exactly those pooling weights.
 """
 
 from __future__ import annotations
@@ -12,17 +12,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqa.models.fusion.base import (
-    FusionBlock,
-    FusionOutput,
-    GridAndWords,
-    masked_mean,
-)
+from vqa.models.fusion.base import FusionOutput, SingleStageFusion, masked_mean
 
 OPS = ("mul", "sum")
 
 
-class EarlyFusion(FusionBlock):
+class EarlyFusion(SingleStageFusion):
     """GELU(q ∘ cell) for every cell of the last stage, pooled over the grid."""
 
     def __init__(
@@ -35,19 +30,17 @@ class EarlyFusion(FusionBlock):
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
     ) -> None:
-        super().__init__(visual_channels, text_dim)
         if op not in OPS:
             raise ValueError(f"op={op!r} must be one of {OPS}")
-        self.op = op
-        self.inputs = GridAndWords(
-            self.visual_channels,
-            self.text_dim,
+        super().__init__(
+            visual_channels,
+            text_dim,
             hidden_dim,
-            positional,
-            spatial_constraint,
-            grid_norm,
+            positional=positional,
+            spatial_constraint=spatial_constraint,
+            grid_norm=grid_norm,
         )
-        self.out_dim = hidden_dim
+        self.op = op
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         x = self.inputs(visual, text, text_mask)

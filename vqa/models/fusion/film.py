@@ -2,10 +2,12 @@
 
 Softmax attention over cells (the co-attention blocks) pools a convex mix of cells: it can pick
 one object but cannot count, and a visual encoder trained from scratch receives gradient only
-through the cells the attention already picks. Here, as in FiLM (Perez et al., 2018) and
-relation networks (Santoro et al., 2017), every cell passes through one MLP over
-``[cell, question, cell * question]``, so every cell is asked about the question and every cell
-gets gradient. The conditioned cells are then
+through the cells the attention already picks. Here, in the spirit of FiLM (Perez, Strub, de
+Vries, Dumoulin and Courville, "FiLM: Visual Reasoning with a General Conditioning Layer", AAAI
+2018), where the question modulates every feature map, and of relation networks (Santoro et
+al., 2017), every cell passes through one MLP over ``[cell, question, cell * question]``, so
+every cell is asked about the question and every cell gets gradient. The conditioned cells are
+then
 
 * summed, scaled by a constant rather than divided by the number of cells, so "how many"
   survives (a mean or a softmax would normalise the count away), and optionally
@@ -14,19 +16,17 @@ gets gradient. The conditioned cells are then
 Cells are a 1x1 conv + BatchNorm + ReLU of the last stage plus an embedding of the cell's box;
 the question is the mean of its real words, projected, then (``question_norm: batch``)
 batch-normalised. A randomly initialised BERT's mean-pooled questions are nearly all one shared
-vector (on the synthetic set the shared part holds 25x the energy of what tells questions
-apart), so ``cell * question`` hardly depends on the question; centring it across the batch is
-what let the shape questions be learned at all (issue 5, a plain loop on frozen random ResNet
-layer1 maps: 71.6 % after 12 epochs with every shape family at its prior without it, 80.9 % after
-10 with it). In scratch experiments these choices learned much faster than a
-linear cell projection with an attention-pooled question, and attention glimpses slowed the
-start, hence ``glimpses: 0``.
+vector, the part that tells questions apart being small beside it, so ``cell * question``
+hardly depends on the question; centring it across the batch is what let the shape questions
+be learned at all on frozen random ResNet maps (without it every shape family stayed at its
+prior). In scratch experiments these choices learned faster than a linear cell projection with
+an attention-pooled question, and attention glimpses slowed the start, hence ``glimpses: 0``.
 
 Attention maps: with glimpses, the image map is their mean; without, each cell's share of the
-summed read-out (the sum of its non-negative conditioned features). The question map is uniform over the
-real words, which is what the mean does. BatchNorm couples the samples of a batch in train mode
-only, as in ``cot``. Both norms fall back to their running statistics on a training batch of one
-question (``vqa.models.norms``): the train loader keeps its last partial batch.
+summed read-out (the sum of its non-negative conditioned features). The question map is uniform
+over the real words, which is what the mean does. BatchNorm couples the samples of a batch in
+train mode only, as in ``cot``. Both norms fall back to their running statistics on a training
+batch of one question (``vqa.models.norms``): the train loader keeps its last partial batch.
 """
 
 from __future__ import annotations

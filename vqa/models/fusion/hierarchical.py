@@ -1,4 +1,4 @@
-"""Hierarchical question-image co-attention (Lu et al., NeurIPS 2016).
+"""Hierarchical question-image co-attention (Lu, Yang, Batra and Parikh, NeurIPS 2016).
 
 The question is read at three granularities, each co-attended with the image grid:
 
@@ -6,8 +6,9 @@ The question is read at three granularities, each co-attended with the image gri
 * phrase: unigram/bigram/trigram 1-D convolutions, max over the three widths per position;
 * sentence: an LSTM over the phrase features (Lu et al.'s "question level").
 
-Per level the image and question are co-attended (parallel or alternating, as in the paper)
-and the attended pairs are combined recursively, so coarser levels refine finer ones::
+Per level the image and question are co-attended (parallel or alternating, as in the paper;
+``attention.LuCoAttention`` and ``attention.AlternatingAttention``) and the attended pairs are
+combined recursively, so coarser levels refine finer ones::
 
     h_w = tanh(W_w(q_w + v_w));  h_p = tanh(W_p[q_p + v_p, h_w]);  h_s = tanh(W_s[q_s + v_s, h_p])
 
@@ -20,115 +21,49 @@ never reach a real position.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vqa.models.fusion.base import (
-    FusionBlock,
-    FusionOutput,
-    GridAndWords,
-    add_log_prior,
-    keep_top_k,
-    masked_softmax,
-)
+from vqa.models.fusion.attention import AlternatingAttention, LuCoAttention, pool
+from vqa.models.fusion.base import FusionOutput, SingleStageFusion
 
 LEVELS = ("word", "phrase", "sentence")
 NGRAM_WIDTHS = (1, 2, 3)
 
-
-def _attend(logits: Tensor, valid: Tensor | None, top_k: int | None) -> Tensor:
-    """Masked (optionally top-k sparse) attention distribution over the last dim."""
-    return masked_softmax(logits, keep_top_k(logits, top_k, valid))
-
-
-def _pool(weights: Tensor, x: Tensor) -> Tensor:
-    """Attention-weighted sum: weights [B, L], x [B, L, D] -> [B, D]."""
-    return (weights.unsqueeze(1) @ x).squeeze(1)
-
-
-class ParallelLevel(nn.Module):
-    """Lu et al. parallel co-attention: both attentions read one affinity matrix C.
-
-    C = tanh(Q W_b V^T / sqrt(d)); H_v = tanh(V W_v + C^T Q W_q); H_q = tanh(Q W_q + C V W_v);
-    a_v = softmax(H_v w_v [+ log prior]), a_q = softmax(H_q w_q) over real words.
-    """
-
-    def __init__(self, dim: int, top_k: int | None) -> None:
-        super().__init__()
-        self.top_k = top_k
-        self.scale = dim**-0.5
-        self.bilinear = nn.Linear(dim, dim, bias=False)
-        self.image = nn.Linear(dim, dim, bias=False)
-        self.question = nn.Linear(dim, dim, bias=False)
-        self.image_score = nn.Linear(dim, 1, bias=False)
-        self.question_score = nn.Linear(dim, 1, bias=False)
-
-    def forward(
-        self, cells: Tensor, words: Tensor, mask: Tensor, constraint: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """cells [B, M, D], words [B, N, D] -> (image attention [B, M], question attention [B, N])."""
-        # 1/sqrt(d) keeps tanh out of saturation at realistic widths (Lu et al. have no scale).
-        affinity = torch.tanh(self.bilinear(words) @ cells.transpose(1, 2) * self.scale)
-        # Padded words must not steer the image attention through C^T.
-        affinity = affinity.masked_fill(~mask.unsqueeze(-1), 0.0)
-        image, question = self.image(cells), self.question(words)
-        image_hidden = torch.tanh(image + affinity.transpose(1, 2) @ question)
-        question_hidden = torch.tanh(question + affinity @ image)
-        image_logits = add_log_prior(self.image_score(image_hidden).squeeze(-1), constraint)
-        image_att = _attend(image_logits, None, self.top_k)
-        question_att = _attend(self.question_score(question_hidden).squeeze(-1), mask, self.top_k)
-        return image_att, question_att
+# Each level's co-attention: Lu et al.'s parallel form without biases and with the 1/sqrt(D)
+# applied as a product, or one alternating step without biases.
+COATTENTIONS = {
+    "parallel": lambda dim: LuCoAttention(dim, form="lu", bias=False, scaling="multiply"),
+    "alternating": lambda dim: AlternatingAttention(dim, steps=1, bias=False),
+}
+# Names the levels' layers had before the attention maths had one home (level-relative).
+_LEVEL_LEGACY_KEYS = {
+    # parallel levels
+    "bilinear.": "affinity.",
+    "image.weight": "image_hidden.weight",
+    "question.weight": "text_hidden.weight",
+    "question_score.": "text_score.",
+    # alternating levels
+    "summarise.feature.": "summary.key.",
+    "summarise.": "summary.",
+    "image.feature.": "image_steps.0.key.",
+    "image.": "image_steps.0.",
+    "question.feature.": "question_steps.0.key.",
+    "question.": "question_steps.0.",
+}
 
 
-class GuidedAttention(nn.Module):
-    """One alternating step: x_hat = sum_i a_i x_i, a = softmax(w^T tanh(W_x x_i + W_g g)),
-    plus log prior_i in the logits for the image step with the spatial constraint."""
-
-    def __init__(self, dim: int, guided: bool, top_k: int | None) -> None:
-        super().__init__()
-        self.top_k = top_k
-        self.feature = nn.Linear(dim, dim, bias=False)
-        # The first step has g = 0, so it owns no guide projection (no dead parameters).
-        self.guide = nn.Linear(dim, dim, bias=False) if guided else None
-        self.score = nn.Linear(dim, 1, bias=False)
-
-    def forward(
-        self,
-        x: Tensor,
-        valid: Tensor | None,
-        guide: Tensor | None = None,
-        constraint: Tensor | None = None,
-    ) -> Tensor:
-        """x [B, L, D], guide [B, D] -> attention [B, L]."""
-        hidden = self.feature(x)
-        if self.guide is not None:
-            hidden = hidden + self.guide(guide).unsqueeze(1)
-        logits = add_log_prior(self.score(torch.tanh(hidden)).squeeze(-1), constraint)
-        return _attend(logits, valid, self.top_k)
-
-
-class AlternatingLevel(nn.Module):
-    """Lu et al. alternating co-attention: summarise question -> attend image -> attend question."""
-
-    def __init__(self, dim: int, top_k: int | None) -> None:
-        super().__init__()
-        self.summarise = GuidedAttention(dim, guided=False, top_k=top_k)
-        self.image = GuidedAttention(dim, guided=True, top_k=top_k)
-        self.question = GuidedAttention(dim, guided=True, top_k=top_k)
-
-    def forward(
-        self, cells: Tensor, words: Tensor, mask: Tensor, constraint: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """cells [B, M, D], words [B, N, D] -> (image attention [B, M], question attention [B, N])."""
-        summary = _pool(self.summarise(words, mask), words)
-        image_att = self.image(cells, None, summary, constraint)
-        question_att = self.question(words, mask, _pool(image_att, cells))
-        return image_att, question_att
-
-
-class HierarchicalCoAttention(FusionBlock):
+class HierarchicalCoAttention(SingleStageFusion):
     """Word/phrase/sentence co-attention over the last visual stage, combined recursively."""
+
+    LEGACY_KEYS: ClassVar[dict[str, str]] = {
+        f"coattention.{level}.{old}": f"coattention.{level}.{new}"
+        for level in range(len(LEVELS))
+        for old, new in _LEVEL_LEGACY_KEYS.items()
+    }
 
     def __init__(
         self,
@@ -142,28 +77,26 @@ class HierarchicalCoAttention(FusionBlock):
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
     ) -> None:
-        super().__init__(visual_channels, text_dim)
-        coattention = {"parallel": ParallelLevel, "alternating": AlternatingLevel}
-        if mode not in coattention:
-            raise ValueError(f"mode must be one of {sorted(coattention)}, got {mode!r}")
-        self.out_dim = hidden_dim
-        self.inputs = GridAndWords(
-            self.visual_channels,
-            self.text_dim,
+        if mode not in COATTENTIONS:
+            raise ValueError(f"mode must be one of {sorted(COATTENTIONS)}, got {mode!r}")
+        super().__init__(
+            visual_channels,
+            text_dim,
             hidden_dim,
-            positional,
-            spatial_constraint,
-            grid_norm,
+            top_k=top_k,
+            attention_dropout=attention_dropout,
+            positional=positional,
+            spatial_constraint=spatial_constraint,
+            grid_norm=grid_norm,
         )
         self.ngrams = nn.ModuleList(nn.Conv1d(hidden_dim, hidden_dim, w) for w in NGRAM_WIDTHS)
         self.sentence_rnn = nn.LSTM(hidden_dim, hidden_dim, batch_first=True)
-        self.coattention = nn.ModuleList(coattention[mode](hidden_dim, top_k) for _ in LEVELS)
+        self.coattention = nn.ModuleList(COATTENTIONS[mode](hidden_dim) for _ in LEVELS)
         # Word level sees q_w + v_w; coarser levels also see the previous level's h.
         self.combine = nn.ModuleList(
             nn.Linear(hidden_dim if i == 0 else 2 * hidden_dim, hidden_dim)
             for i in range(len(LEVELS))
         )
-        self.dropout = nn.Dropout(attention_dropout)
 
     def _phrases(self, words: Tensor, mask: Tensor) -> Tensor:
         """Max over unigram/bigram/trigram convolutions at each position.
@@ -205,9 +138,8 @@ class HierarchicalCoAttention(FusionBlock):
         for name, tokens, coattention, combine in zip(
             LEVELS, levels, self.coattention, self.combine, strict=True
         ):
-            image_att, question_att = coattention(cells, tokens, mask, constraint)
-            joint = _pool(self.dropout(image_att), cells)
-            joint = joint + _pool(self.dropout(question_att), tokens)
+            image_att, question_att = coattention.maps(cells, tokens, mask, constraint, self.top_k)
+            joint = pool(image_att, cells, self.dropout) + pool(question_att, tokens, self.dropout)
             if hidden is not None:
                 joint = torch.cat([joint, hidden], dim=-1)
             hidden = torch.tanh(combine(joint))

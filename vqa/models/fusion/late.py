@@ -1,4 +1,4 @@
-"""Late fusion: pool each modality on its own, then concatenate (seed 001's weakest baseline).
+"""Late fusion: pool each modality on its own, then concatenate (the weakest baseline).
 
 No cross-modal interaction happens before the answer head, which is the point: it measures
 what the encoders alone give. Mean pooling discards where things are, so this block takes no
