@@ -12,7 +12,7 @@ ARGS    ?=
 CKPT    ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train eval sweep test test-full lint format bench soak clean
+.PHONY: help install train eval demo sweep test test-full lint format bench soak clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +39,11 @@ eval: $(STAMP) ## Evaluate a checkpoint: make eval CKPT=path/to.ckpt [ARGS=...]
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/checkpoint.ckpt [ARGS='data=vqav2 data.root=...']"; exit 2; }
 	$(PYTHON) -m vqa.cli.eval ckpt_path=$(CKPT) $(ARGS)
 
+# Serves on 127.0.0.1 (a free port unless ARGS="port=7860"); Ctrl+C stops it.
+demo: $(STAMP) ## Interactive demo page for a checkpoint: make demo CKPT=path/to.ckpt [ARGS=...]
+	@test -n "$(CKPT)" || { echo "usage: make demo CKPT=path/to/checkpoint.ckpt [ARGS='port=7860 device=cuda']"; exit 2; }
+	$(PYTHON) -m vqa.cli.demo ckpt_path=$(CKPT) $(ARGS)
+
 sweep: $(STAMP) ## Small fusion comparison on the synthetic set (Hydra multirun)
 	$(PYTHON) -m vqa.cli.extract experiment=quickstart extract.progress=false
 	$(PYTHON) train.py -m experiment=sweep_fusions $(ARGS)
@@ -47,7 +52,11 @@ sweep: $(STAMP) ## Small fusion comparison on the synthetic set (Hydra multirun)
 test: $(STAMP) ## Fast test suite (what CI runs)
 	$(PYTHON) -m pytest -n auto $(PYTEST_ARGS)
 
+# The demo page's browser test drives Debian's Chromium (Playwright's own browser download is not
+# needed); without one it is skipped, so a failed install only warns.
 test-full: $(STAMP) ## Full test suite, slow tests included
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y chromium; } || \
+		echo "warning: Chromium is missing and could not be installed (apt-get install -y chromium, as root); the demo page's browser test will be skipped"
 	$(PYTHON) -m pytest -n auto -m "" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Ruff lint + format check

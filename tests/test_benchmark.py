@@ -28,6 +28,7 @@ from scripts.bench.common import (
     describe,
     in_memory_loader,
     lightning_fit,
+    make_sizes,
     state_tensors,
 )
 from scripts.bench.fusions import run_specs
@@ -458,3 +459,37 @@ def test_isolated_run_reports_its_own_peak_rss(tmp_path: Path, shared_data_dir: 
     (result,) = run_specs([spec], isolate=True)
     assert result["samples_per_s"] > 0
     assert result["peak_rss_mib"] >= result["rss_increase_mib"] > 0
+
+
+def test_latency_section_times_new_images_and_follow_ups(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
+    out = tmp_path / "bench"
+    argv = ["--quick", "--sections", "latency", "--threads", "1", "--out", str(out)]
+    report = cli.main([*argv, "--data-dir", str(shared_data_dir)])
+    latency = json.loads((out / "benchmark.json").read_text())["latency"]
+    assert latency == json.loads(json.dumps(report["latency"]))
+    sizes = make_sizes(quick=True)
+    assert latency["tiny"] and latency["goal"]["met"] is None
+    assert [r["model"] for r in latency["rows"]] == list(sizes.latency_models)
+    md = (out / "benchmark.md").read_text()
+    assert "## 7. Latency of one answer" in md
+    for r in latency["rows"]:
+        assert r["torch_threads"] == 1
+        assert (r["miss"]["n"], r["hit"]["n"]) == (
+            sizes.latency_new_images,
+            sizes.latency_follow_ups,
+        )
+        for kind in ("miss", "hit"):
+            t = r[kind]
+            assert 0 < t["min_ms"] <= t["p50_ms"] <= t["p95_ms"] <= t["max_ms"]
+            assert t["min_ms"] <= t["mean_ms"] <= t["max_ms"]
+        # every timed follow-up (and each warm-up round's one) was a cache hit, every first
+        # question a miss
+        assert r["cache"]["hits"] == sizes.latency_follow_ups + sizes.latency_warmup
+        assert r["cache"]["misses"] == sizes.latency_new_images + sizes.latency_warmup
+        assert min(r["stages_ms"].values()) > 0
+        follow_up = [ms for step, ms in r["stages_ms"].items() if "(new image)" not in step]
+        assert len(follow_up) == 7 and r["follow_up_steps_ms"] == pytest.approx(sum(follow_up))
+        assert r["follow_up_rest_ms"] == pytest.approx(r["hit"]["p50_ms"] - sum(follow_up))
+        assert f"| {r['model']} |" in md and f"| {_f(r['hit']['p95_ms'])} |" in md

@@ -19,7 +19,7 @@ from vqa.checkpoint import load_checkpoint
 from vqa.cli import predict as vqa_predict
 from vqa.cli.eval import build_datamodule
 from vqa.data.datamodule import encode_batch
-from vqa.inference import Predictor
+from vqa.inference import InputError, Predictor
 from vqa.lit_module import VQALitModule
 from vqa.plots import plot_attention
 
@@ -88,7 +88,8 @@ def test_same_token_ids_as_the_datamodule(run: TinyRun, predictor: Predictor) ->
         assert batch.input_ids[i, :length].tolist() == list(row["input_ids"])
         assert set(batch.input_ids[i, length:].tolist()) <= {trained.tokenizer.pad_token_id}
         assert torch.equal(batch.images[i], row["image"])  # the evaluation's transform
-    # a question longer than max_question_length is truncated alike
+    # a question longer than max_question_length is refused by default; with
+    # long_questions="truncate" it is truncated as the datamodule truncates it
     long_question = " ".join(["what color is the big shape left of the circle"] * 4)
     expected = encode_batch(
         [long_question],
@@ -99,7 +100,13 @@ def test_same_token_ids_as_the_datamodule(run: TinyRun, predictor: Predictor) ->
     )["input_ids"][0]
     assert len(expected) == trained.max_question_length
     image = run.image("val2014", rows[0]["image_id"])
-    assert predictor.encode([image], [long_question]).input_ids[0].tolist() == expected
+    with pytest.raises(InputError, match=f"reads at most {trained.max_question_length}"):
+        predictor.encode([image], [long_question])
+    truncating = Predictor(trained, long_questions="truncate")
+    assert truncating.encode([image], [long_question]).input_ids[0].tolist() == expected
+    prediction = truncating.predict(image, long_question)
+    assert len(prediction.tokens) == trained.max_question_length
+    assert prediction.tokens[-1] == "[SEP]"
     assert "token_type_ids" not in batch.model_inputs()
 
 
@@ -121,12 +128,22 @@ def test_same_logits_as_the_lit_module(run: TinyRun, predictor: Predictor) -> No
     with torch.inference_mode():
         expected = module(batch).logits
     torch.testing.assert_close(predictor.forward(batch).logits, expected, atol=0, rtol=0)
+    # predict_batch encodes each image alone (a batch of one, what its cache holds) where the
+    # module encodes the four together: convolutions then differ in the last bits
     for prediction, logits in zip(predictor.predict_batch(images, texts), expected, strict=True):
         best = logits.sigmoid().topk(len(prediction.answers))
-        assert prediction.answers == [
-            (trained.answer_vocab.decode(a), s)
-            for a, s in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+        assert [a for a, _ in prediction.answers] == [
+            trained.answer_vocab.decode(a) for a in best.indices.tolist()
         ]
+        assert [s for _, s in prediction.answers] == pytest.approx(best.values.tolist(), abs=1e-6)
+    # one question about one image: bit for bit
+    alone = predictor.encode(images[:1], texts[:1])
+    with torch.inference_mode():
+        best = module(alone).logits[0].sigmoid().topk(5)
+    assert predictor.predict(images[0], texts[0]).answers == [
+        (trained.answer_vocab.decode(a), s)
+        for a, s in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    ]
 
 
 def test_batch_of_mixed_lengths_equals_one_by_one(run: TinyRun, predictor: Predictor) -> None:
@@ -217,3 +234,101 @@ def test_figure_has_a_panel_per_attention_map(run: TinyRun, predictor: Predictor
     assert all(t.endswith(f"peak {uniform_peak:.1f}x uniform") for t in question_titles)
     token_texts = [t.get_text() for ax in figure.axes for t in ax.texts]
     assert token_texts.count("[CLS]") == len(levels)
+
+
+def test_bad_questions_are_refused_with_their_reason(run: TinyRun, predictor: Predictor) -> None:
+    question = run.questions("val2014")[0]
+    image = run.image("val2014", question["image_id"])
+    limit = predictor.max_question_length
+    cases = {
+        "": "the question is empty",
+        "   \t\n": "the question is empty",
+        "\u200b": "the question has no words",  # nothing the tokenizer keeps
+        " ".join(["what color is the circle"] * 4): (  # 20 words, each a token
+            rf"too long: 22 tokens \(\[CLS\] and \[SEP\] included\), this model reads at most "
+            rf"{limit}; shorten it by {22 - limit} token\(s\)"
+        ),
+    }
+    before = predictor.cache_stats()
+    for text, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            predictor.predict(image, text)
+    with pytest.raises(InputError, match="must be text, not NoneType"):
+        predictor.predict(image, None)  # type: ignore[arg-type]
+    # in a batch the message says which input; nothing reached the model
+    with pytest.raises(InputError, match=r"^input 2 of 2: the question is empty$"):
+        predictor.predict_batch([image, image], [question["question"], " "])
+    assert predictor.cache_stats() == before
+    # a question of exactly max_question_length tokens is answered
+    words = ["what"] * (limit - 2)
+    assert len(predictor.predict(image, " ".join(words)).tokens) == limit
+    with pytest.raises(ValueError, match="long_questions"):
+        Predictor(predictor.trained, long_questions="cut")  # type: ignore[arg-type]
+
+
+def test_unreadable_images_are_refused_with_their_reason(
+    run: TinyRun, predictor: Predictor, tmp_path: Path
+) -> None:
+    question = run.questions("val2014")[0]
+    good = run.image("val2014", question["image_id"])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    cases = [
+        (tmp_path / "missing.jpg", f"^image not found: {tmp_path / 'missing.jpg'}$"),
+        (tmp_path, "is a folder, not an image file"),
+        (text, f"^{text} cannot be read as an image: not an image format"),
+        (truncated, f"^{truncated} cannot be read as an image: corrupt or truncated"),
+        (b"\x89PNG\r\n\x1a\n garbage", "^the uploaded data cannot be read as an image"),
+        (b"", "the image is empty"),
+        (np.zeros((4, 4, 7), dtype=np.float64), "the image cannot be decoded"),
+        (42, "^expected an image: .* not int$"),
+    ]
+    before = predictor.cache_stats()
+    for image, message in cases:
+        with pytest.raises(InputError, match=message) as info:
+            predictor.predict(image, question["question"])
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+    with pytest.raises(InputError, match=r"^input 2 of 2: image not found"):
+        predictor.predict_batch([good, tmp_path / "gone.png"], ["what?", "what?"])
+    assert predictor.cache_stats() == before  # refused before any model work
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("question=", "error: the question is empty"),
+        ("image=/nonexistent/cat.jpg", "error: image not found: /nonexistent/cat.jpg"),
+        ("ckpt_path=/nonexistent.ckpt", "error: checkpoint not found: /nonexistent.ckpt"),
+    ],
+)
+def test_cli_reports_bad_input_in_one_line(
+    run: TinyRun,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    override: str,
+    message: str,
+) -> None:
+    question = run.questions("val2014")[0]
+    arguments = {
+        "ckpt_path": str(run.ckpt),
+        "image": str(run.image("val2014", question["image_id"])),
+        "question": question["question"],
+    }
+    key, value = override.split("=", 1)
+    arguments[key] = value
+    argv = [
+        "vqa.cli.predict",
+        *(f"{k}={v}" for k, v in arguments.items()),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_info:
+        vqa_predict.main()
+    GlobalHydra.instance().clear()
+    assert exit_info.value.code == vqa_predict.EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert captured.err.strip() == message and "Traceback" not in captured.out

@@ -2,27 +2,57 @@
 :class:`Predictor` that answers raw questions about raw images with a trained checkpoint.
 
 :func:`run_model` is the one call of ``VQAModel`` on a :class:`~vqa.data.batch.VQABatch`: the
-LightningModule (training, validation, test), checkpoint evaluation and the predictor all go
-through it. The predictor's batches come from :class:`~vqa.data.preprocess.Preprocessor`, the
-preprocessing of the training and evaluation data, so its answers are those evaluation scores.
+LightningModule (training, validation, test), checkpoint evaluation and the predictor's
+:meth:`Predictor.forward` all go through it. The predictor's inputs come from
+:class:`~vqa.data.preprocess.Preprocessor`, the preprocessing of the training and evaluation
+data, so its answers are those evaluation scores.
+
+:meth:`Predictor.predict` / :meth:`Predictor.predict_batch` answer interactively: load once,
+answer many. Each distinct image is encoded on its own (visual encoder, then the fusion block's
+question-independent ``prepare_visual``) and kept in a bounded LRU cache keyed by a digest of
+its decoded pixels, so a follow-up question about an image already seen runs the text encoder,
+the fusion and the head only. Inputs are checked before any model work; what cannot be answered
+raises :class:`InputError`, whose message is meant for the person who typed the question.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from vqa.checkpoint import TrainedModel, load_checkpoint
 from vqa.data.batch import VQABatch
+from vqa.data.errors import DataError
+from vqa.data.images import load_rgb, to_rgb
 from vqa.data.preprocess import ImageInput, Preprocessor
 from vqa.models.vqa_model import VQAOutput
 
 # How each training loss's logits become per-answer scores in [0, 1].
 SCORE_FUNCTIONS = {"bce": "sigmoid", "ce": "softmax"}
+# What Predictor does with a question longer than the model's max_question_length.
+LONG_QUESTIONS = ("refuse", "truncate")
+LongQuestions = Literal["refuse", "truncate"]
+DEFAULT_CACHE_SIZE = 32
+# What the predictor accepts as an image: a PIL image of any mode, an image file, the encoded
+# bytes of one (an upload), or an array of pixels (H x W [x 3|4], uint8).
+RawImage = ImageInput | bytes | np.ndarray
+
+
+class InputError(ValueError):
+    """A question or image the predictor cannot answer. The message says what is wrong in
+    words meant for the person who typed the question or chose the image (no traceback
+    needed); raised before any model work."""
 
 
 def run_model(model: nn.Module, batch: VQABatch, **drop: Tensor | None) -> VQAOutput:
@@ -50,40 +80,277 @@ class Prediction:
     """One question's top answers, its tokens and its attention maps (CPU tensors).
 
     ``attention`` keys are the fusion block's: ``image…`` maps are [H_s, W_s] over the grid,
-    ``question…`` maps are [N] over ``tokens``.
+    ``question…`` maps are [N] over ``tokens``. ``image_cached``: the image's features came
+    from the predictor's cache (a follow-up question about an image already seen).
     """
 
     question: str
     tokens: list[str]
     answers: list[tuple[str, float]]
     attention: dict[str, Tensor]
+    image_cached: bool = False
 
     @property
     def answer(self) -> str:
         return self.answers[0][0]
 
 
-class Predictor:
-    """Batched inference on raw images and question strings for a :class:`TrainedModel`."""
+class Answered(NamedTuple):
+    """What :meth:`Predictor.run` gives: each question's token ids, the model's output (logits
+    [B, A], attention maps) and whether each question's image came from the cache."""
 
-    def __init__(self, trained: TrainedModel, device: str | torch.device = "cpu") -> None:
+    token_ids: list[list[int]]
+    output: VQAOutput
+    image_cached: list[bool]
+
+
+# ------------------------------------------------------------------------------- inputs
+
+
+def read_image(image: RawImage) -> Image.Image:
+    """A decoded RGB image, or an :class:`InputError` that names the problem (missing file, a
+    folder, not an image, corrupt or truncated data, an unsupported object)."""
+    try:
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
+        if isinstance(image, np.ndarray):
+            return to_rgb(Image.fromarray(image))
+        if isinstance(image, bytes | bytearray | memoryview):
+            data = bytes(image)
+            if not data:
+                raise InputError("the image is empty (0 bytes)")
+            return _decode(lambda: load_rgb(data, name="upload"), "the uploaded data")
+        if isinstance(image, str | os.PathLike):
+            path = Path(image)
+            if not str(image).strip():
+                raise InputError("no image given (empty path)")
+            if path.is_dir():
+                raise InputError(f"{path} is a folder, not an image file")
+            if not path.is_file():
+                raise InputError(f"image not found: {path}")
+            return _decode(lambda: load_rgb(path), str(path))
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InputError(f"the image is too large to decode safely ({err})") from None
+    except (TypeError, ValueError, OSError) as err:  # PIL on an odd array or a lazy image
+        raise InputError(f"the image cannot be decoded ({err})") from None
+    raise InputError(
+        "expected an image: a PIL image, a file path, encoded image bytes or a pixel array, "
+        f"not {type(image).__name__}"
+    )
+
+
+def _decode(load: Callable[[], Image.Image], what: str) -> Image.Image:
+    try:
+        return load()
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{what} is too large to decode safely ({err})") from None
+    except DataError as err:
+        cause = err.__cause__
+        if isinstance(cause, FileNotFoundError):
+            raise InputError(f"image not found: {what}") from None
+        if isinstance(cause, UnidentifiedImageError):
+            detail = "not an image format that can be read (PNG, JPEG, GIF, BMP, WebP, ...)"
+        else:
+            detail = f"corrupt or truncated image data ({cause or err})"
+        raise InputError(f"{what} cannot be read as an image: {detail}") from None
+
+
+def image_digest(image: Image.Image) -> str:
+    """Identity of a decoded RGB image: a hash of its size and pixels. The same picture
+    uploaded twice, as a file or as a PIL image, gets the same digest; any other pixel
+    content another one. The evaluation transform is a function of the pixels alone, so equal
+    digests mean equal model inputs."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters of the predictor's image-feature cache since it was created or cleared."""
+
+    hits: int
+    misses: int
+    size: int  # images held now
+    capacity: int  # at most this many (0: caching off)
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+
+class FeatureCache:
+    """A thread-safe LRU map from image digest to that image's prepared visual features.
+
+    Only the dictionary operations hold the lock: two threads that miss on the same new image
+    both compute its features (identical), and the second store is a no-op refresh.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"cache_size must be an integer >= 0, got {capacity!r}")
+        self.capacity = capacity
+        self._entries: OrderedDict[str, list[Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    def get(self, key: str) -> list[Tensor] | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self._misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self._hits += 1
+            return value
+
+    def put(self, key: str, value: list[Tensor]) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._hits = self._misses = 0
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self._hits, self._misses, len(self._entries), self.capacity)
+
+
+# ------------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """Answers raw questions about raw images with a :class:`TrainedModel`.
+
+    ``cache_size``: how many images' encoded features (visual encoder + the fusion block's
+    ``prepare_visual``) are kept, least recently used dropped first; 0 turns the cache off.
+    ``long_questions``: a question longer than the model's ``max_question_length`` tokens
+    ([CLS] and [SEP] included) raises :class:`InputError` (``"refuse"``, the default) or is
+    cut to that length as training and evaluation cut it (``"truncate"``).
+
+    Thread-safe: several threads may call :meth:`predict` at once (a demo server); only the
+    cache and the tokenizer are locked, never the model's forward pass.
+    """
+
+    def __init__(
+        self,
+        trained: TrainedModel,
+        device: str | torch.device = "cpu",
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        long_questions: LongQuestions = "refuse",
+    ) -> None:
+        if long_questions not in LONG_QUESTIONS:
+            raise ValueError(
+                f"long_questions must be one of {LONG_QUESTIONS}, got {long_questions!r}"
+            )
         self.trained = trained
         self.device = torch.device(device)
         self.model = trained.model.to(self.device).eval()
         self.preprocessor = Preprocessor.for_model(trained)
+        self.long_questions = long_questions
+        self.cache = FeatureCache(cache_size)
+        # The fast tokenizer's Rust object is mutably borrowed when its truncation settings
+        # change; concurrent calls could then fail with "Already borrowed".
+        self._tokenizer_lock = threading.Lock()
+        self._pad_id = int(trained.tokenizer.pad_token_id)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-        return cls(load_checkpoint(path), device)
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        long_questions: LongQuestions = "refuse",
+    ) -> Predictor:
+        return cls(
+            load_checkpoint(path), device, cache_size=cache_size, long_questions=long_questions
+        )
 
-    def encode(self, images: Sequence[ImageInput], questions: Sequence[str]) -> VQABatch:
+    # -- inputs ---------------------------------------------------------------------------
+
+    @property
+    def max_question_length(self) -> int:
+        """Tokens a question may have, [CLS] and [SEP] included."""
+        return self.preprocessor.max_question_length
+
+    def question_ids(self, questions: Sequence[str]) -> list[list[int]]:
+        """Each question's token ids, as training encodes them; :class:`InputError` for an
+        empty question, or (``long_questions="refuse"``) one longer than the model reads."""
+        for i, question in enumerate(questions):
+            if not isinstance(question, str):
+                raise InputError(
+                    f"{_which(i, len(questions))}the question must be text, not "
+                    f"{type(question).__name__}"
+                )
+            if not question.strip():
+                raise InputError(f"{_which(i, len(questions))}the question is empty")
+        limit = self.max_question_length
+        with self._tokenizer_lock:
+            if self.long_questions == "truncate":
+                ids = self.preprocessor.token_ids(questions)
+            else:  # untruncated: ids of a question that fits are the truncated ones
+                ids = self.preprocessor.tokenizer(
+                    list(questions),
+                    truncation=False,
+                    return_attention_mask=False,
+                    return_token_type_ids=False,
+                )["input_ids"]
+        for i, row in enumerate(ids):
+            which = _which(i, len(questions))
+            if len(row) <= 2:  # [CLS] [SEP]: nothing the tokenizer keeps
+                raise InputError(f"{which}the question has no words (only {questions[i]!r})")
+            if len(row) > limit:
+                raise InputError(
+                    f"{which}the question is too long: {len(row)} tokens ([CLS] and [SEP] "
+                    f"included), this model reads at most {limit}; shorten it by "
+                    f"{len(row) - limit} token(s)"
+                )
+        return ids
+
+    def read_images(self, images: Sequence[RawImage]) -> list[Image.Image]:
+        """Decoded RGB images; :class:`InputError` names the first that cannot be read."""
+        decoded = []
+        for i, image in enumerate(images):
+            try:
+                decoded.append(read_image(image))
+            except InputError as err:
+                raise InputError(f"{_which(i, len(images))}{err}") from None
+        return decoded
+
+    def encode(self, images: Sequence[RawImage], questions: Sequence[str]) -> VQABatch:
         """The batch of ``questions[i]`` about ``images[i]`` on the predictor's device,
-        preprocessed exactly like the training data."""
-        return self.preprocessor.batch(images, questions).to(self.device)
+        preprocessed exactly like the training data (inputs checked as :meth:`predict` does)."""
+        _same_length(images, questions)
+        ids = self.question_ids(questions)
+        pixels = [self.preprocessor.pixels(image) for image in self.read_images(images)]
+        return self.preprocessor.collate(ids, pixels, questions).to(self.device)
+
+    # -- model ----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, batch: VQABatch) -> VQAOutput:
-        """Logits and attention maps of a batch (e.g. from :meth:`encode`)."""
+        """Logits and attention maps of a batch (e.g. from :meth:`encode`), by
+        :func:`run_model` (no cache)."""
         return run_model(self.model, batch)
 
     def scores(self, logits: Tensor) -> Tensor:
@@ -91,32 +358,125 @@ class Predictor:
         return answer_scores(logits, self.trained.loss)
 
     @torch.inference_mode()
+    def image_features(self, image: Image.Image) -> list[Tensor]:
+        """One decoded image's prepared visual features (each [1, ...]): the visual encoder's
+        stage maps through the fusion block's question-independent ``prepare_visual``, which is
+        what the cache holds. Always a batch of one, so an image's features, and its answers,
+        do not depend on the other images of a call or on what the cache holds."""
+        pixels = self.preprocessor.pixels(image).unsqueeze(0).to(self.device)
+        return list(self.model.fusion.prepare_visual(self.model.encode_image(pixels)))
+
+    def visual_rows(self, images: Sequence[Image.Image]) -> tuple[list[Tensor], Tensor, list[bool]]:
+        """Prepared features of the distinct images [U, ...], each image's row [B] and whether
+        it came from the cache, computing (and caching) those not seen before."""
+        rows: dict[str, int] = {}
+        image_index: list[int] = []
+        distinct: list[list[Tensor]] = []
+        hits: list[bool] = []  # per distinct image
+        for image in images:
+            key = image_digest(image)
+            if key not in rows:
+                features = self.cache.get(key)
+                hits.append(features is not None)
+                if features is None:
+                    features = self.image_features(image)
+                    self.cache.put(key, features)
+                rows[key] = len(distinct)
+                distinct.append(features)
+            image_index.append(rows[key])
+        cached = [hits[row] for row in image_index]
+        parts = [
+            parts[0] if len(parts) == 1 else torch.cat(parts)
+            for parts in zip(*distinct, strict=True)
+        ]
+        return parts, torch.tensor(image_index, device=self.device), cached
+
+    def pad(self, token_ids: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """``input_ids`` and ``attention_mask`` [B, N], right-padded to the longest question
+        with the pad token, as the training collator pads."""
+        width = max(len(row) for row in token_ids)
+        ids = [[*row, *[self._pad_id] * (width - len(row))] for row in token_ids]
+        mask = [[1] * len(row) + [0] * (width - len(row)) for row in token_ids]
+        return (
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(mask, dtype=torch.long, device=self.device),
+        )
+
+    @torch.inference_mode()
+    def answer(
+        self, prepared: Sequence[Tensor], image_index: Tensor, input_ids: Tensor, mask: Tensor
+    ) -> VQAOutput:
+        """The per-question rest of ``VQAModel.forward`` (inference: no modality dropout, no
+        static-shape padding) on prepared visual features [U, ...]: the same operations on the
+        same tensors, so the same logits."""
+        model = self.model
+        rows = [part.index_select(0, image_index) for part in prepared]
+        text = model.text(input_ids, mask)
+        fused = model.fusion.fuse(rows, text, mask.bool())
+        return VQAOutput(logits=model.head(fused.features), attention=fused.attention)
+
+    @torch.inference_mode()
+    def run(self, images: Sequence[RawImage], questions: Sequence[str]) -> Answered:
+        """Logits and attention maps of each ``questions[i]`` about ``images[i]``, through the
+        image-feature cache; inputs checked first (:class:`InputError`, before model work)."""
+        _same_length(images, questions)
+        token_ids = self.question_ids(questions)
+        decoded = self.read_images(images)
+        prepared, image_index, cached = self.visual_rows(decoded)
+        input_ids, mask = self.pad(token_ids)
+        return Answered(token_ids, self.answer(prepared, image_index, input_ids, mask), cached)
+
+    @torch.inference_mode()
     def predict_batch(
-        self, images: Sequence[ImageInput], questions: Sequence[str], top_k: int = 5
+        self, images: Sequence[RawImage], questions: Sequence[str], top_k: int = 5
     ) -> list[Prediction]:
-        batch = self.encode(images, questions)
-        out = self.forward(batch)
+        """The ``top_k`` answers of each ``questions[i]`` about ``images[i]``.
+
+        :class:`InputError` (before any model work) for an empty question, a question longer
+        than the model reads (unless ``long_questions="truncate"``) or an unreadable image."""
+        token_ids, out, cached = self.run(images, questions)
         top = self.scores(out.logits.float()).topk(min(top_k, out.logits.shape[1]), dim=-1)
-        lengths = batch.attention_mask.sum(dim=1).tolist()
+        indices, values = top.indices.tolist(), top.values.tolist()
+        attention = {k: v.float().cpu() for k, v in out.attention.items()}
+        convert = self.preprocessor.tokenizer.convert_ids_to_tokens
         vocab = self.trained.answer_vocab
         return [
             Prediction(
                 question=question,
-                tokens=self.preprocessor.tokenizer.convert_ids_to_tokens(
-                    batch.input_ids[i, : lengths[i]].tolist()
-                ),
-                answers=[
-                    (vocab.decode(a), s)
-                    for a, s in zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True)
-                ],
+                tokens=convert(list(token_ids[i])),
+                answers=[(vocab.decode(a), s) for a, s in zip(indices[i], values[i], strict=True)],
                 # question maps are cut to the real tokens (padding holds zero weight)
                 attention={
-                    k: (v[i, : lengths[i]] if k.startswith("question") else v[i]).float().cpu()
-                    for k, v in out.attention.items()
+                    k: v[i, : len(token_ids[i])] if k.startswith("question") else v[i]
+                    for k, v in attention.items()
                 },
+                image_cached=cached[i],
             )
             for i, question in enumerate(questions)
         ]
 
-    def predict(self, image: ImageInput, question: str, top_k: int = 5) -> Prediction:
+    def predict(self, image: RawImage, question: str, top_k: int = 5) -> Prediction:
+        """The ``top_k`` answers to ``question`` about ``image`` (see :meth:`predict_batch`)."""
         return self.predict_batch([image], [question], top_k)[0]
+
+    # -- cache ----------------------------------------------------------------------------
+
+    def cache_stats(self) -> CacheStats:
+        """Hits, misses, images held and capacity of the image-feature cache."""
+        return self.cache.stats()
+
+    def clear_cache(self) -> None:
+        """Forget every cached image and reset the counters."""
+        self.cache.clear()
+
+
+def _which(index: int, count: int) -> str:
+    """Which input of a batch a message is about ("" for a single one)."""
+    return "" if count == 1 else f"input {index + 1} of {count}: "
+
+
+def _same_length(images: Sequence[object], questions: Sequence[str]) -> None:
+    if isinstance(questions, str):
+        raise TypeError("questions must be a sequence of strings (use predict for one)")
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")

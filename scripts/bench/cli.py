@@ -36,6 +36,7 @@ from scripts.bench.common import (
 )
 from scripts.bench.fusions import section_fusions
 from scripts.bench.gpu import section_gpu
+from scripts.bench.latency import section_latency
 from scripts.bench.ops import section_ops
 from scripts.bench.overhead import section_overhead
 from scripts.bench.pipeline import section_pipeline
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
             sizes.base_overrides.append(f"paths.data_dir={data_dir}")
             sizes.gpu_overrides.append(f"paths.data_dir={data_dir}")
             sizes.e2e_overrides.append(f"paths.data_dir={data_dir}")
+            for overrides in sizes.latency_models.values():
+                overrides.append(f"paths.data_dir={data_dir}")
         elif smoke_sizes:  # the tiny set must not replace the one in the project's data/
             sizes.e2e_overrides.append(f"paths.data_dir={workdir / 'data'}")
         setup = describe(compose_config(sizes.base_overrides, workdir))
@@ -208,6 +211,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
                 results[name] = section_gpu(ctx)
             elif name == "ops":
                 results[name] = section_ops(ctx)
+            elif name == "latency":
+                results[name] = section_latency(ctx)
             timings[name] = time.perf_counter() - begin
         if "fusions" in results:  # the store lived in the temporary folder
             results["fusions"]["feature_store"].pop("feature_dir", None)

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 log = logging.getLogger("benchmark")
 
-SECTIONS = ("fusions", "overhead", "pipeline", "scaling", "gpu", "ops")
+SECTIONS = ("fusions", "overhead", "pipeline", "scaling", "gpu", "ops", "latency")
 GPU_ROWS = ("sweep", "grouped", "optimizer", "lightning", "anchor", "e2e", "graphs")
 # Peak dense bf16 tensor-core FLOP/s by device name (first substring match wins; NVIDIA specs).
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -126,6 +126,16 @@ class Sizes:
     e2e_steps: int = -1  # trainer.max_steps (-1: the time decides)
     e2e_warmup: int = 20  # steps left out of the rate (cuDNN's first calls, the workers' start)
     ops_first: int = 1  # the counted step: step 0 creates the optimizer state
+    # section 7: models answered one question at a time (name -> overrides of configs/train.yaml)
+    latency_models: dict[str, list[str]] = field(
+        default_factory=lambda: {name: list(o) for name, o in LATENCY_MODELS.items()}
+    )
+    latency_warmup: int = 10  # untimed rounds: a new image and a follow-up each
+    latency_new_images: int = 24  # timed first questions about an image (cache misses)
+    latency_follow_ups: int = 72  # timed follow-up questions (cache hits), 3 per new image
+    latency_stage_repeats: int = 20  # timed runs of each step of a call, median kept
+    latency_cache_size: int = 32
+    latency_tiny: bool = False  # tiny stand-ins of the two models: no goal verdict
 
 
 # The quick-start reads its frozen encoder's maps from the feature cache; the benchmark's base is
@@ -152,6 +162,26 @@ E2E_RECIPE = [
     "model/text=bert_base_random",
     "logger=csv",
 ]
+
+
+# Section 7: the quick-start model as `make train` trains it, but reading images (its training
+# reads the frozen encoder's cached maps), and the VQA v2 recipe's ResNet-101 @ 448 px +
+# bert-base with random weights (parallel co-attention over layer4, 14x14 cells).
+LATENCY_MODELS: dict[str, list[str]] = {
+    "quickstart": ["experiment=quickstart", "data.features=images"],
+    "resnet101_bert_base": [
+        "model/visual=resnet101",
+        "model.visual.stages=[layer4]",
+        "model/text=bert_base_random",
+        "data.image_size=448",
+        "fusion=parallel",
+    ],
+}
+# The same two at tiny sizes (tests): bert_tiny, ResNet-18, 32 px.
+LATENCY_MODELS_TINY: dict[str, list[str]] = {
+    "quickstart": [*TINY, "fusion=film"],
+    "resnet101_bert_base": [*TINY, "fusion=parallel"],
+}
 
 
 def make_sizes(quick: bool) -> Sizes:
@@ -196,6 +226,12 @@ def make_sizes(quick: bool) -> Sizes:
         e2e_seconds=120.0,
         e2e_steps=6,
         e2e_warmup=2,
+        latency_models={name: list(o) for name, o in LATENCY_MODELS_TINY.items()},
+        latency_warmup=1,
+        latency_new_images=2,
+        latency_follow_ups=4,
+        latency_stage_repeats=2,
+        latency_tiny=True,
     )
 
 

@@ -343,6 +343,61 @@ def _md_ops(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _md_latency(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["model"],
+            f"{r['visual']} @ {r['image_size']} px, {r['text']}, {r['fusion']}",
+            _f(r["params_m"]),
+            str(r["torch_threads"]),
+            *(_f(r[kind][stat]) for kind in ("miss", "hit") for stat in ("p50_ms", "p95_ms")),
+            _f(r["miss"]["mean_ms"]),
+            _f(r["hit"]["mean_ms"]),
+            f"{r['miss']['n']} / {r['hit']['n']}",
+            f"{r['cache']['hits']} / {r['cache']['misses']}",
+        ]
+        for r in s["rows"]
+    ]
+    header = ["model", "architecture", "params M", "threads", "new image p50", "new image p95"]
+    header += ["follow-up p50", "follow-up p95", "new image mean", "follow-up mean"]
+    header += ["timed new / follow-up", "cache hits / misses"]
+    steps = list(dict.fromkeys(k for r in s["rows"] for k in r["stages_ms"]))
+    stage_rows = [[step, *(_f(r["stages_ms"].get(step), 2) for r in s["rows"])] for step in steps]
+    stage_rows += [
+        ["**follow-up steps, sum**", *(_f(r["follow_up_steps_ms"], 2) for r in s["rows"])],
+        [
+            "follow-up p50 minus that sum (top-k, outputs, call overhead)",
+            *(_f(r["follow_up_rest_ms"], 2) for r in s["rows"]),
+        ],
+    ]
+    out = [
+        "## 7. Latency of one answer (Predictor, image-feature cache)",
+        "",
+        f"{s['device'].upper()}, {s['threads']} torch thread(s); {s['note']}. Times in ms; "
+        f"{s['warmup_rounds']} untimed round(s) first. New image = a cache miss (visual encoder "
+        "and prepare_visual run); follow-up = another question about an image already asked "
+        "about (its features come from the cache).",
+        "",
+        *_table(header, "llrr" + "r" * (len(header) - 4), rows),
+        "",
+        "Where the time goes: median ms of each step, run one by one as a call runs them:",
+        "",
+        *_table(["step", *(r["model"] for r in s["rows"])], "l" + "r" * len(s["rows"]), stage_rows),
+    ]
+    goal = s["goal"]
+    row = next((r for r in s["rows"] if r["model"] == goal["model"]), None)
+    if s["tiny"]:
+        out += ["", "TINY SIZES (tests): stand-ins of both models, no goal verdict."]
+    elif row is not None:
+        verdict = "meets" if goal["met"] else "does **not** meet"
+        out += [
+            "",
+            f"Goal: follow-up p95 ≤ {_f(goal['follow_up_p95_ms'], 0)} ms for {goal['model']}: "
+            f"p95 {_f(row['hit']['p95_ms'])} ms, which {verdict} it.",
+        ]
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
     out = [
@@ -374,6 +429,7 @@ def markdown(report: dict[str, Any]) -> str:
         "scaling": _md_scaling,
         "gpu": _md_gpu,
         "ops": _md_ops,
+        "latency": _md_latency,
     }
     for name, write in writers.items():
         if name in report:

@@ -6,17 +6,21 @@
 A command-line front for :class:`vqa.inference.Predictor` (the package API) and
 :func:`vqa.plots.plot_attention`: the image and question go through the checkpoint's own
 preprocessing (image size, tokenizer, question length), so an answer here is the answer
-evaluation would score.
+evaluation would score. An empty or too long question, an unreadable image or an unusable
+checkpoint is reported as one line (``error: ...``) with exit status 2.
 """
 
 from __future__ import annotations
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from vqa.inference import Prediction, Predictor
+from vqa.checkpoint import CheckpointError
+from vqa.inference import InputError, Prediction, Predictor
 from vqa.plots import save_attention_figure
 from vqa.utils import apply_extras, set_project_root
 from vqa.utils.project import CONFIG_DIR
@@ -32,11 +36,23 @@ def print_prediction(prediction: Prediction, console: Console | None = None) -> 
     (console or Console()).print(table)
 
 
+# Exit status for a question, image or checkpoint that cannot be used (argparse's for bad usage).
+EXIT_BAD_INPUT = 2
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
+    """Print the answers; a question, image or checkpoint that cannot be used is one line on
+    stderr (``error: ...``) and exit status 2, not a traceback."""
     apply_extras(cfg)
-    predictor = Predictor.from_checkpoint(cfg.ckpt_path, device=cfg.device)
-    prediction = predictor.predict(cfg.image, str(cfg.question), top_k=cfg.top_k)
+    try:
+        predictor = Predictor.from_checkpoint(cfg.ckpt_path, device=cfg.device, cache_size=0)
+        question = "" if cfg.question is None else str(cfg.question)
+        image = "" if cfg.image is None else str(cfg.image)
+        prediction = predictor.predict(image, question, top_k=cfg.top_k)
+    except (InputError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     print_prediction(prediction)
     if cfg.get("save_attention"):
         path = save_attention_figure(cfg.image, prediction, cfg.save_attention)
