@@ -19,7 +19,14 @@ from PIL import Image
 from tests.helpers import TINY_OVERRIDES, compose_config
 from tests.tiny_checkpoint import CHECKPOINT_OVERRIDES, TinyRun, tiny_run
 from vqa.checkpoint import TrainedModel, build_model, load_checkpoint
-from vqa.inference import CacheStats, Predictor, image_digest, read_image
+from vqa.inference import (
+    CacheStats,
+    PackedLinear,
+    Predictor,
+    image_digest,
+    packed_linear_available,
+    read_image,
+)
 
 # cot attends over every listed stage: two of them exercise the multi-stage path.
 FUSIONS = {
@@ -158,3 +165,52 @@ def test_concurrent_calls_answer_as_sequential_ones(run: TinyRun, trained: Train
     # every call looked its image up once; two threads may both miss on a new image
     assert stats.lookups == len(pairs) and stats.size == 4
     assert 4 <= stats.misses <= 4 * 4 and stats.hits >= len(pairs) - 16
+
+
+# ------------------------------------------------------------------------------- packed linear
+
+needs_packed = pytest.mark.skipif(not packed_linear_available(), reason="needs MKL")
+PACKED_ATOL = 1e-4  # packed vs plain fp32 linear layers: float rounding only (about 1e-6)
+
+
+@needs_packed
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_packed_linear_gives_the_plain_logits_within_rounding(
+    run: TinyRun, trained: TrainedModel, fusion: str
+) -> None:
+    model = with_fusion(trained, fusion)
+    plain = Predictor(model, cache_size=0)
+    packed = Predictor(model, cache_size=8, cpu_packed_linear=True)
+    packed_uncached = Predictor(model, cache_size=0, cpu_packed_linear=True)
+    assert packed.packed_linears > 0 and plain.packed_linears == 0
+    # the TrainedModel's own model is left plain
+    assert packed.model is not model.model
+    assert not any(isinstance(m, PackedLinear) for m in model.model.modules())
+    pairs = rows(run, 8)
+    images, questions = [p[0] for p in pairs], [p[1] for p in pairs]
+    for batch in ([0], [1], [2, 4, 3], [5, 6], list(range(8))):
+        ims, qs = [images[i] for i in batch], [questions[i] for i in batch]
+        want = plain.run(ims, qs).output
+        got = packed.run(ims, qs)
+        torch.testing.assert_close(got.output.logits, want.logits, rtol=0, atol=PACKED_ATOL)
+        assert torch.equal(got.output.logits.argmax(-1), want.logits.argmax(-1))
+        for key, value in want.attention.items():
+            torch.testing.assert_close(got.output.attention[key], value, rtol=0, atol=PACKED_ATOL)
+        # under the option the cache still changes nothing
+        nocache = packed_uncached.run(ims, qs).output
+        torch.testing.assert_close(got.output.logits, nocache.logits, rtol=0, atol=0)
+        for key, value in nocache.attention.items():
+            torch.testing.assert_close(got.output.attention[key], value, rtol=0, atol=0)
+    assert packed.cache_stats().hits > 0
+    answers = [packed.predict(i, q).answers[0][0] for i, q in pairs]
+    assert answers == [plain.predict(i, q).answers[0][0] for i, q in pairs]
+
+
+def test_packed_linear_is_a_no_op_without_cpu_mkl(
+    trained: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("vqa.inference.packed_linear_available", lambda: False)
+    with pytest.warns(UserWarning, match="cpu_packed_linear"):
+        predictor = Predictor(trained, cpu_packed_linear=True)
+    assert predictor.packed_linears == 0 and predictor.model is trained.model
+    assert not any(isinstance(m, PackedLinear) for m in predictor.model.modules())

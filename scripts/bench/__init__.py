@@ -33,6 +33,9 @@ markdown. Sections (``--sections``, by name or number):
 6. ``ops``: per fusion block, the aten ops (a proxy for kernel launches) and host syncs of one
    training step, bare loop and Lightning (``vqa.utils.op_counter``), with the most frequent ops.
    Device-independent, so it runs on a CPU too.
+7. ``latency``: ``vqa.inference.Predictor`` answering one question at a time, a new image (cache
+   miss) vs a follow-up question about an image already seen (cache hit), p50/p95, for the
+   quick-start model and ResNet-101 @ 448 px + bert-base, with the time of each step.
 
 Timings use ``--threads`` torch threads in every process (default 1: reproducible on a shared
 machine; ``--threads 2`` on a quiet 2-core one). The header reports how much CPU other processes
