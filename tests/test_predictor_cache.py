@@ -21,12 +21,12 @@ from tests.tiny_checkpoint import CHECKPOINT_OVERRIDES, TinyRun, tiny_run
 from vqa.checkpoint import TrainedModel, build_model, load_checkpoint
 from vqa.inference import (
     CacheStats,
-    PackedLinear,
     Predictor,
     image_digest,
     packed_linear_available,
     read_image,
 )
+from vqa.models.packed_linear import PackedLinear
 
 # cot attends over every listed stage: two of them exercise the multi-stage path.
 FUSIONS = {
