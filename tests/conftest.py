@@ -10,6 +10,13 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from tests.tiny_checkpoint import TinyRun, tiny_run
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The tiny trained checkpoint of tests/tiny_checkpoint.py (trained once per process)."""
+    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

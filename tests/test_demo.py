@@ -66,11 +66,6 @@ README_QUESTION = "how many red shapes are there?"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def app(run: TinyRun) -> DemoApp:
     return DemoApp(Predictor.from_checkpoint(run.ckpt))
 

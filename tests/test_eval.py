@@ -20,17 +20,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from tests.helpers import CONFIG_DIR, ROOT, compose_config
-from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun, tiny_run
+from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun
 from vqa.checkpoint import CheckpointError, load_checkpoint
 from vqa.cli import eval as vqa_eval
 from vqa.cli.eval import evaluate_checkpoint, resolve_data_config, results_file_name
 from vqa.data.features import FeatureStoreError
 from vqa.official_scorer import evaluate_results
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun, tiny_run
+from tests.tiny_checkpoint import IMAGE_SIZE, TinyRun
 from vqa.checkpoint import TrainedModel, build_model, load_checkpoint
 from vqa.cli import export as vqa_export
 from vqa.cli.export import (
@@ -40,11 +40,6 @@ from vqa.utils.project import CONFIG_DIR
 TOP_K_FUSIONS = ["parallel", "alternating", "multihead", "cot", "hierarchical"]
 # Longer than the traced example and than k=32: a k or a length baked in at tracing would show.
 LONG_QUESTION_TOKENS = 40
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from PIL import Image
 
-from tests.tiny_checkpoint import GRID, TinyRun, tiny_run
+from tests.tiny_checkpoint import GRID, TinyRun
 from vqa.checkpoint import load_checkpoint
 from vqa.cli import predict as vqa_predict
 from vqa.cli.eval import build_datamodule
@@ -22,11 +22,6 @@ from vqa.data.datamodule import encode_batch
 from vqa.inference import InputError, Predictor
 from vqa.lit_module import VQALitModule
 from vqa.plots import plot_attention
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

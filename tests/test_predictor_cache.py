@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.helpers import TINY_OVERRIDES, compose_config
-from tests.tiny_checkpoint import CHECKPOINT_OVERRIDES, TinyRun, tiny_run
+from tests.tiny_checkpoint import CHECKPOINT_OVERRIDES, TinyRun
 from vqa.checkpoint import TrainedModel, build_model, load_checkpoint
 from vqa.inference import (
     CacheStats,
@@ -35,11 +35,6 @@ FUSIONS = {
     "hierarchical": [],
     "cot": ["model.visual.stages=[layer2,layer3]"],
 }
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
