@@ -252,7 +252,7 @@ class Predictor:
     answers with its own copy of the model (the ``TrainedModel``'s is left as it is) whose fp32
     linear layers (text encoder, fusion, head) are :class:`PackedLinear`: a follow-up question
     is answered faster, with logits that differ from the plain model's by float rounding
-    (about 1e-6, not bit-identical). Elsewhere (CUDA, no MKL) it is a no-op with a warning;
+    (not bit-identical). Elsewhere (CUDA, no MKL) it is a no-op with a warning;
     ``packed_linears`` says how many layers were packed (0: the plain model).
 
     Thread-safe: several threads may call :meth:`predict` at once (a demo server); only the
@@ -333,15 +333,7 @@ class Predictor:
                 raise InputError(f"{_which(i, len(questions))}the question is empty")
         limit = self.max_question_length
         with self._tokenizer_lock:
-            if self.long_questions == "truncate":
-                ids = self.preprocessor.token_ids(questions)
-            else:  # untruncated: ids of a question that fits are the truncated ones
-                ids = self.preprocessor.tokenizer(
-                    list(questions),
-                    truncation=False,
-                    return_attention_mask=False,
-                    return_token_type_ids=False,
-                )["input_ids"]
+            ids = self.preprocessor.token_ids(questions, truncate=self.long_questions == "truncate")
         for i, row in enumerate(ids):
             which = _which(i, len(questions))
             if len(row) <= 2:  # [CLS] [SEP]: nothing the tokenizer keeps

@@ -32,13 +32,14 @@ ImageInput = Image.Image | str | Path
 
 
 def question_token_ids(
-    tokenizer: PreTrainedTokenizerFast, questions: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerFast, questions: Sequence[str], max_length: int | None
 ) -> list[list[int]]:
-    """Each question's token ids: [CLS] ... [SEP], truncated to ``max_length`` tokens, without
-    token_type_ids (the text encoders take ids and a mask only)."""
+    """Each question's token ids: [CLS] ... [SEP], truncated to ``max_length`` tokens (None:
+    not truncated, so a caller can tell a question that does not fit), without token_type_ids
+    (the text encoders take ids and a mask only)."""
     return tokenizer(
         list(questions),
-        truncation=True,
+        truncation=max_length is not None,
         max_length=max_length,
         return_attention_mask=False,
         return_token_type_ids=False,
@@ -74,8 +75,11 @@ class Preprocessor:
         """The evaluation transform: resize (no crop), scale, normalise; no augmentation."""
         return build_transform(self.image_size, augment=False)
 
-    def token_ids(self, questions: Sequence[str]) -> list[list[int]]:
-        return question_token_ids(self.tokenizer, questions, self.max_question_length)
+    def token_ids(self, questions: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """Token ids as training encodes them; ``truncate=False`` keeps a too long question
+        whole (the ids of one that fits are the same either way)."""
+        limit = self.max_question_length if truncate else None
+        return question_token_ids(self.tokenizer, questions, limit)
 
     def pixels(self, image: ImageInput) -> Tensor:
         """One image as the model's float tensor [3, image_size, image_size]."""
