@@ -29,10 +29,9 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 
 install: $(STAMP) ## Create .venv from uv.lock (idempotent)
 
-# The quick-start reads its frozen ResNet's maps from the feature cache: the first run writes
-# it (about 20 s), later runs find it complete and go straight to training.
+# The quick-start reads its frozen ResNet's maps from the feature cache: train.py's first run
+# writes it (about 20 s), later runs find it complete and go straight to training.
 train: $(STAMP) ## Train the quick-start experiment on the embedded synthetic data (ARGS=overrides)
-	$(PYTHON) -m vqa.cli.extract experiment=quickstart extract.progress=false $(ARGS)
 	$(PYTHON) train.py experiment=quickstart $(ARGS)
 
 eval: $(STAMP) ## Evaluate a checkpoint: make eval CKPT=path/to.ckpt [ARGS=...]
@@ -45,7 +44,6 @@ demo: $(STAMP) ## Interactive demo page for a checkpoint: make demo CKPT=path/to
 	$(PYTHON) -m vqa.cli.demo ckpt_path=$(CKPT) $(ARGS)
 
 sweep: $(STAMP) ## Small fusion comparison on the synthetic set (Hydra multirun)
-	$(PYTHON) -m vqa.cli.extract experiment=quickstart extract.progress=false
 	$(PYTHON) train.py -m experiment=sweep_fusions $(ARGS)
 	$(PYTHON) scripts/summarize_sweep.py logs/sweep_fusions/multiruns
 
@@ -71,7 +69,6 @@ bench: $(STAMP) ## Benchmarks (JSON + markdown table under logs/bench)
 	$(PYTHON) scripts/benchmark.py $(ARGS)
 
 # ARGS here are the script's options, then Hydra overrides: ARGS="--minutes 20 fusion=parallel".
-# It builds the quick-start's feature cache first, as `make train` does.
 soak: $(STAMP) ## Memory/step-time soak of the quick-start (ARGS="--minutes 20"; logs/soak)
 	$(PYTHON) scripts/soak.py $(ARGS)
 

@@ -5,12 +5,11 @@ time, to see leaks and slow-downs that a few epochs hide.
     python scripts/soak.py --minutes 5 fusion=parallel     # extra arguments are Hydra overrides
     python scripts/soak.py --tiny --minutes 0.2 --interval-seconds 1 --warmup-minutes 0.05
 
-Like `make train`, it first builds (or finds complete) the quick-start's feature cache with
-`vqa.cli.extract`'s code, then fits in this process with `trainer.max_time` set to
-``--minutes`` and `trainer.max_epochs` large, so epochs repeat until the time is up. The LR
-schedule spans that epoch budget, so it stays near its start: neither memory nor step time
-depends on the learning rate. There is no test stage and no progress bar (it would break the
-table).
+Like `make train`, it first builds (or finds complete) the quick-start's feature cache, then
+fits in this process with `trainer.max_time` set to ``--minutes`` and `trainer.max_epochs`
+large, so epochs repeat until the time is up. The LR schedule spans that epoch budget, so it
+stays near its start: neither memory nor step time depends on the learning rate. There is no
+test stage and no progress bar (it would break the table).
 
 Every ``--interval-seconds`` (default 60) a row gives the RSS of this process, of this process
 plus its children (data-loader workers; shared pages count once per process), their PSS where
@@ -58,8 +57,7 @@ from scripts.bench.common import (  # noqa: E402
     rss_mib,
 )
 from scripts.bench.report import _f, _table  # noqa: E402
-from vqa.cli.extract import extract  # noqa: E402
-from vqa.cli.train import train  # noqa: E402
+from vqa.cli.train import build_feature_stores, train  # noqa: E402
 from vqa.utils import apply_extras, set_project_root  # noqa: E402
 
 try:
@@ -399,14 +397,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     days, hours = divmod(hours, 24)
     max_time = f"{days:02d}:{hours:02d}:{minutes:02d}:{seconds:02d}"  # Lightning's DD:HH:MM:SS
 
-    features = compose_config(overrides, out / "run").data.features
-    if features == "cached":  # what `make train` runs first
-        ecfg = compose_config(
-            [*overrides, "extract.progress=false"], out / "run", "extract_features"
-        )
-        extract(ecfg)
-
     cfg: DictConfig = compose_config(overrides, out / "run")
+    features = cfg.data.features
+    build_feature_stores(cfg)  # before the clock starts; train() then finds the stores complete
     cfg.trainer.max_time = max_time
     with open_dict(cfg):
         cfg.callbacks.soak_monitor = {"_target_": f"{__name__}.active_monitor"}

@@ -6,8 +6,10 @@
 A setting is what a run's ``.hydra/overrides.yaml`` sets to a value that differs between runs,
 ``seed`` excepted: runs that differ only in their seed are repeats of one setting. Metrics are
 the last value each logged in its CSV log (``csv/metrics.csv``: ``val/acc_best`` is a running
-maximum, so its last value is the best epoch). Writes ``summary.md``, ``summary.csv`` and
-``summary.png`` (val accuracy per setting) into the sweep folder, or ``--out``.
+maximum, so its last value is the best epoch), and after them the test accuracy of each group
+the runs logged (``test/family/<family>``: the synthetic set's question families), whatever
+groups the CSV columns name. Writes ``summary.md``, ``summary.csv`` and ``summary.png`` (val
+accuracy per setting) into the sweep folder, or ``--out``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 METRICS = ("val/acc_best", "val/acc", "test/acc")
+# Prefixes of per-group accuracies, tabulated after METRICS when runs logged them; the group
+# names come from the runs' CSV columns (test/family/exists, ...), not from a list kept here.
+METRIC_GROUPS = ("test/family/",)
 REPEAT_KEYS = ("seed",)
 
 
@@ -113,7 +118,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def metrics_present(runs: Sequence[Run]) -> list[str]:
-    return [m for m in METRICS if any(m in r.metrics for r in runs)]
+    """METRICS that some run logged, then the METRIC_GROUPS columns any run logged, sorted."""
+    fixed = [m for m in METRICS if any(m in r.metrics for r in runs)]
+    grouped = sorted({k for r in runs for k in r.metrics if k.startswith(METRIC_GROUPS)})
+    return fixed + grouped
 
 
 def ordered(settings: list[Setting], metric: str) -> list[Setting]:

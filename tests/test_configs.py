@@ -131,9 +131,68 @@ def test_default_composition_is_the_product_card(tmp_path: Path) -> None:
     assert cfg.trainer.gradient_clip_val == 5.0
     assert cfg.module.optimizer._target_ == "torch.optim.AdamW"
     assert cfg.module.scheduler._target_ == "vqa.optim.cosine_warmup"
-    assert cfg.hydra.run.dir.startswith(f"{cfg.paths.log_dir}/train/runs/")
-    assert cfg.hydra.sweep.dir.startswith(f"{cfg.paths.log_dir}/train/multiruns/")
+    assert cfg.hydra.run.dir.startswith(f"{cfg.paths.log_dir}/quickstart/runs/")
+    assert cfg.hydra.sweep.dir.startswith(f"{cfg.paths.log_dir}/quickstart/multiruns/")
     assert OmegaConf.to_yaml(cfg.hydra.sweep).count("subdir: ${hydra.job.num}") == 1
+
+
+def resolved(cfg: DictConfig, *drop: str) -> dict:
+    """The composed config as the run sees it, without the hydra node and the ``drop`` keys."""
+    return {
+        key: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        for key, node in cfg.items()
+        if key not in ("hydra", *drop)
+    }
+
+
+def test_default_composition_is_the_quickstart(tmp_path: Path) -> None:
+    default = compose_config("train", [], tmp_path)
+    quickstart = compose_config("train", ["experiment=quickstart"], tmp_path)
+    assert resolved(default) == resolved(quickstart)
+    assert default.hydra.runtime.choices == quickstart.hydra.runtime.choices
+    assert default.hydra.runtime.choices.experiment == "quickstart"
+    # the same default for the feature extractor, so it writes the store train.py reads
+    extract = compose_config("extract_features", [], tmp_path)
+    assert resolved(extract, "task_name", "extract") == resolved(quickstart, "task_name")
+
+
+def test_a_fusion_without_experiment_is_the_quickstart_with_that_block(tmp_path: Path) -> None:
+    """`python train.py fusion=parallel`: the quick-start's data, features, encoders, head and
+    schedule, and its fusion keys (hidden_dim) on the parallel block."""
+    parallel = compose_config("train", ["fusion=parallel"], tmp_path)
+    explicit = compose_config("train", ["experiment=quickstart", "fusion=parallel"], tmp_path)
+    quickstart = compose_config("train", ["experiment=quickstart"], tmp_path)
+    assert resolved(parallel) == resolved(explicit)
+    assert parallel.fusion._target_.endswith("ParallelCoAttention")
+    assert quickstart.hydra.runtime.choices.fusion != "parallel"
+    assert parallel.fusion.hidden_dim == quickstart.fusion.hidden_dim == 128  # not parallel.yaml's
+    same = resolved(parallel, "fusion", "model")
+    assert same == resolved(quickstart, "fusion", "model")
+    assert parallel.model.visual == quickstart.model.visual
+    assert parallel.model.text == quickstart.model.text
+    assert parallel.data.features == "cached" and parallel.model.visual.stages == ["layer1"]
+
+
+def test_the_vqav2_recipe_composes_nothing_of_the_quickstart(tmp_path: Path) -> None:
+    cfg = compose_config("train", ["experiment=vqav2_resnet101_bert"], tmp_path)
+    choices = cfg.hydra.runtime.choices
+    assert choices.experiment == "vqav2_resnet101_bert"
+    assert choices.data == "vqav2"
+    assert choices["model/visual"] == "resnet101_imagenet"
+    assert choices["model/text"] == "bert_base_uncased"
+    assert choices.fusion == "parallel"
+    assert (choices.trainer, choices.logger) == ("gpu", "many_loggers")
+    assert cfg.task_name == "vqav2_resnet101_bert"
+    assert cfg.data.image_size == 448 and cfg.data.features == "images"
+    visual = cfg.model.visual
+    assert visual.weights == "IMAGENET1K_V2" and list(visual.stages) == ["layer3", "layer4"]
+    assert (visual.freeze, visual.bn, visual.init_seed) == ("layer1", "frozen", None)
+    assert cfg.model.text.name_or_path == "bert-base-uncased" and cfg.model.text.config is None
+    assert (cfg.fusion.hidden_dim, cfg.head.hidden_dim, cfg.head.norm) == (1024, 2048, "layer")
+    assert (cfg.module.image_dropout, cfg.module.question_dropout) == (0.1, 0.1)
+    assert cfg.module.text_lr_multiplier is None
+    assert (cfg.optimizer.lr, cfg.scheduler.warmup_fraction) == (3.0e-4, 0.05)
+    assert cfg.trainer.max_epochs == 13 and cfg.trainer.precision == "bf16-mixed"
 
 
 def test_the_text_encoder_config_chooses_the_tokenizer(tmp_path: Path) -> None:
@@ -193,3 +252,10 @@ def test_cli_rejects_wrong_override(override: str, message: str) -> None:
 def test_tiny_overrides_compose(tmp_path: Path) -> None:
     cfg = compose_config("train", TINY_OVERRIDES, tmp_path)
     assert cfg.model.visual.arch == "resnet18"
+    # the bare base, not the default quick-start ...
+    assert cfg.hydra.runtime.choices.experiment == "none"
+    assert cfg.task_name == "train" and list(cfg.model.visual.stages) == ["layer3", "layer4"]
+    # ... unless an experiment follows them: the last choice of a group wins
+    quickstart = compose_config("train", [*TINY_OVERRIDES, "experiment=quickstart"], tmp_path)
+    assert quickstart.task_name == "quickstart" and quickstart.model.visual.arch == "resnet18"
+    assert list(quickstart.model.visual.stages) == ["layer1"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vqa.data.check import check_split, main
-from vqa.data.layout import split_layout
+from vqa.data.layout import annotations_path, split_layout
 from vqa.data.shapes import ShapesConfig, generate
 
 CONFIG = ShapesConfig(5, 3, 2, 4, 40, 21)
@@ -38,21 +38,27 @@ def row(output: str, split: str) -> list[str]:
 def test_clean_root_passes_with_counts(pristine: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(pristine), "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    annotations = json.loads(split_layout(pristine, "val2014").annotations.read_text())[
-        "annotations"
-    ]
-    types = Counter(a["answer_type"] for a in annotations)
-    assert row(out, "val2014") == [
-        "val2014",
-        "12",
-        "3",
-        str(types["yes/no"]),
-        str(types["number"]),
-        str(types["other"]),
-        "none",
-    ]
+    for split, questions, images in (("val2014", "12", "3"), ("test2015", "8", "2")):
+        annotations = json.loads(split_layout(pristine, split).annotations.read_text())
+        types = Counter(a["answer_type"] for a in annotations["annotations"])
+        assert row(out, split) == [
+            split,
+            questions,
+            images,
+            str(types["yes/no"]),
+            str(types["number"]),
+            str(types["other"]),
+            "none",
+        ]
     assert row(out, "train2014")[:3] == ["train2014", "20", "5"]
-    assert row(out, "test2015") == ["test2015", "8", "2", "0", "0", "0", "none"]
+
+
+def test_test_split_without_annotations_is_not_a_problem(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    annotations_path(root, "test2015").unlink()  # the VQA v2 layout: no public test answers
+    assert main([str(root)]) == 0
+    assert row(capsys.readouterr().out, "test2015") == ["test2015", "8", "2", "0", "0", "0", "none"]
 
 
 def test_broken_root_fails_and_names_every_problem(

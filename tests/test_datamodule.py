@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,8 @@ from vqa.data.errors import DataError
 from vqa.data.hub import HubSource
 from vqa.data.hub_access import HubUnavailableError
 from vqa.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform
-from vqa.data.shapes import MANIFEST_NAME
+from vqa.data.layout import annotations_path
+from vqa.data.shapes import FAMILIES, MANIFEST_NAME, family_of
 from vqa.data.sources import ShapesSource, VQAv2Source
 from vqa.data.tokenizer import SPECIAL_TOKENS, TokenizerSpec, load_tokenizer, tokenizer_spec
 from vqa.metrics import ANSWER_TYPES
@@ -51,6 +53,10 @@ BATCH_KEYS = {
     "question_type",
     "answer_type",
 }
+
+
+# What an annotated split of the synthetic set adds (question_family: not in VQA v2's data).
+ANNOTATED_KEYS = {"answers", "targets", "answer_type_id", "question_family"}
 
 
 def present(batch: VQABatch) -> set[str]:
@@ -99,7 +105,7 @@ def test_prepare_data_generates_only_when_missing(data_root: Path) -> None:
 def test_train_batch_contract(fitted: VQADataModule) -> None:
     batch = next(iter(fitted.train_dataloader()))
     assert isinstance(batch, VQABatch)
-    assert present(batch) == BATCH_KEYS | {"answers", "targets", "answer_type_id"}
+    assert present(batch) == BATCH_KEYS | ANNOTATED_KEYS
     b = 8
     images = batch.images
     # each distinct image once; image_index maps the b questions to their image rows
@@ -197,14 +203,32 @@ def test_truncation_keeps_sep(data_root: Path) -> None:
     assert (ids[torch.arange(len(ids)), lengths - 1] == dm.tokenizer.sep_token_id).all()
 
 
-def test_unannotated_test_split_has_no_answers(data_root: Path) -> None:
+def test_synthetic_test_split_is_annotated(data_root: Path) -> None:
     dm = make_dm(data_root, None, test_split="test2015")
+    dm.setup("test")
+    assert dm.tables["test2015"].annotated
+    batch = next(iter(dm.test_dataloader()))
+    assert present(batch) == BATCH_KEYS | ANNOTATED_KEYS
+    assert set(batch.answer_type) <= set(ANSWER_TYPES) and all(len(a) == 10 for a in batch.answers)
+    assert batch.question_family == tuple(family_of(q) for q in batch.question)
+
+
+def test_unannotated_test_split_has_no_answers(data_root: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(data_root, tmp_path / "shapes"))
+    annotations_path(root, "test2015").unlink()  # the VQA v2 layout: no public test answers
+    dm = make_dm(root, None, test_split="test2015")
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert present(batch) == BATCH_KEYS and batch.image_index.shape[0] == 3 * 4
     assert batch.images.shape[0] == 3  # 3 images x 4 questions, each image stored once
-    assert batch.answer_type == ("",) * 12
+    assert batch.answer_type == ("",) * 12 and batch.question_family is None
     assert set(dm.datasets) == {"test2015"}  # train/val were read for the vocabulary only
+
+
+def test_question_families_reach_the_batch(fitted: VQADataModule) -> None:
+    assert fitted.question_families == sorted(f.name for f in FAMILIES)
+    for batch in itertools.chain(fitted.train_dataloader(), fitted.val_dataloader()):
+        assert batch.question_family == tuple(family_of(q) for q in batch.question)
 
 
 def test_an_epoch_sees_every_question_once_shuffled(data_root: Path) -> None:
@@ -418,6 +442,9 @@ def test_shapes_config_instantiates_and_runs(tmp_path: Path) -> None:
         default.source.questions_per_image,
         default.source.image_size,
     ) == (2000, 6, 128)
+    # val2014 selects the checkpoint, test2015 (annotated, as large as val) is held out
+    assert (default.val_split, default.test_split) == ("val2014", "test2015")
+    assert default.source.num_test_images == default.source.num_val_images == 500
     assert default.root == tmp_path / "shapes" and default.cache_dir == tmp_path / "cache"
     tiny = {
         "source": {
@@ -434,6 +461,9 @@ def test_shapes_config_instantiates_and_runs(tmp_path: Path) -> None:
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.images.shape[1:] == (3, 32, 32) and batch.targets.shape[1] == len(dm.answer_vocab)
+    dm.setup("test")
+    test_batch = next(iter(dm.test_dataloader()))
+    assert test_batch.answers is not None and test_batch.targets is not None
 
 
 def test_vqav2_configs(tmp_path: Path) -> None:

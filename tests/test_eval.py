@@ -60,13 +60,14 @@ def evaluate(
 
 
 def test_eval_equals_offline_evaluator_on_its_results_file(run: TinyRun, tmp_path: Path) -> None:
-    outcome = evaluate(run, tmp_path, "val2014")
+    # test2015: the synthetic set's held-out split, annotated, and the run's test split
+    outcome = evaluate(run, tmp_path, "test2015")
 
     results = json.loads(outcome.results_file.read_text())
-    val_ids = [q["question_id"] for q in run.questions("val2014")]
-    assert sorted(r["question_id"] for r in results) == sorted(val_ids)
+    test_ids = [q["question_id"] for q in run.questions("test2015")]
+    assert sorted(r["question_id"] for r in results) == sorted(test_ids)
     offline = evaluate_results(
-        run.annotations_file("val2014"), run.questions_file("val2014"), outcome.results_file
+        run.annotations_file("test2015"), run.questions_file("test2015"), outcome.results_file
     )
     metrics = json.loads(outcome.metrics_file.read_text())
     official = offline.official()
@@ -78,7 +79,9 @@ def test_eval_equals_offline_evaluator_on_its_results_file(run: TinyRun, tmp_pat
     # test stage scored the same checkpoint on the same split
     assert outcome.report.overall == pytest.approx(100 * run.test_metrics["test/acc"], abs=1e-4)
     assert (
-        metrics["num_questions"] == len(val_ids) == sum(metrics["counts"]["perAnswerType"].values())
+        metrics["num_questions"]
+        == len(test_ids)
+        == sum(metrics["counts"]["perAnswerType"].values())
     )
     assert metrics["questions_per_second"] > 0
 
@@ -86,7 +89,9 @@ def test_eval_equals_offline_evaluator_on_its_results_file(run: TinyRun, tmp_pat
 def test_submission_on_unannotated_split_covers_every_question_once(
     run: TinyRun, tmp_path: Path
 ) -> None:
-    outcome = evaluate(run, tmp_path, "test2015", method_name="tiny")
+    root = Path(shutil.copytree(run.data_root, tmp_path / "shapes"))
+    (root / run.annotations_file("test2015").relative_to(run.data_root)).unlink()  # as VQA v2
+    outcome = evaluate(run, tmp_path, "test2015", method_name="tiny", root=str(root))
 
     assert outcome.results_file.name == results_file_name("test2015", "tiny")
     results = json.loads(outcome.results_file.read_text())
@@ -122,12 +127,12 @@ def test_cli_writes_results_metrics_and_table(
     GlobalHydra.instance().clear()
 
     out = capsys.readouterr().out
-    assert "VQA accuracy on val2014" in out
+    assert "VQA accuracy on test2015" in out  # no split given: the run's test split, scored
     for row in ("overall", "yes/no", "number", "other", "how many"):
         assert row in out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert f"{metrics['overall']:.2f}" in out
-    assert (tmp_path / "run" / results_file_name("val2014", "coattn-vqa")).is_file()
+    assert (tmp_path / "run" / results_file_name("test2015", "coattn-vqa")).is_file()
 
 
 def test_data_group_swap_keeps_the_checkpoints_preprocessing(run: TinyRun, tmp_path: Path) -> None:

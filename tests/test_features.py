@@ -3,7 +3,9 @@ equals image training with a frozen backbone."""
 
 from __future__ import annotations
 
+import logging
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from PIL import Image
 
 import vqa.data.features as features_module
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
+from vqa.cli.eval import evaluate_checkpoint
 from vqa.cli.extract import extract
 from vqa.cli.train import train
 from vqa.data.datamodule import VQADataModule
@@ -30,6 +33,7 @@ from vqa.data.features import (
     FeatureStoreError,
     build_manifest,
     encode_rows,
+    read_manifest,
     split_images,
 )
 
@@ -328,3 +332,112 @@ def test_float16_overflow_is_an_error_not_inf(tmp_path: Path, shared_data_dir: P
         encoder.body["conv1"].weight.mul_(1e6)  # BatchNorm at its init statistics passes it on
     with pytest.raises(FeatureStoreError, match=r"do not fit float16.*extract.dtype=float32"):
         encode_rows(encoder, torch.randn(2, 3, 32, 32), manifest)
+
+
+# ----------------------------------------------------------------------------- built on demand
+
+
+def cached_train_config(tmp_path: Path, data_dir: Path, store: Path, *overrides: str) -> DictConfig:
+    return compose_config(
+        "train",
+        [*BASE, "data.features=cached", f"data.feature_dir={store}", *overrides],
+        tmp_path,
+        data_dir,
+    )
+
+
+def store_mtimes(store: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def test_training_builds_a_missing_store_once_and_evaluation_its_split(
+    tmp_path: Path,
+    shared_data_dir: Path,
+    stores: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`python train.py ... data.features=cached` with no store runs the extractor's code first
+    (the splits it reads: test=false here) and trains on what it wrote; the next run finds the
+    stores complete and touches nothing. Evaluating the checkpoint on a machine without the
+    stores writes the evaluated split's with the checkpoint's own encoder: the same store."""
+    store = tmp_path / "store"
+    with caplog.at_level(logging.INFO, logger="vqa.cli.extract"):
+        _, first = train(cached_train_config(tmp_path / "a", shared_data_dir, store))
+    assert sorted(p.name for p in store.iterdir() if p.is_dir()) == ["train2014", "val2014"]
+    built = [r.getMessage() for r in caplog.records if "feature store" in r.getMessage().lower()]
+    assert len(built) == 2 and "train2014, val2014" in built[0] and "written in" in built[1]
+    for split in ("train2014", "val2014"):
+        manifest = read_manifest(store / split)
+        # what `python -m vqa.cli.extract` writes, chunking (batch_size) aside
+        assert manifest.differences(read_manifest(stores["float16"] / split)) == {}
+        assert first["datamodule"].feature_stores[split].directory == store / split
+    batch = next(iter(first["datamodule"].train_dataloader()))
+    assert batch.images is None and batch.visual_features is not None
+
+    written = store_mtimes(store)
+    caplog.clear()
+
+    def no_decoding(row: dict[str, Any]) -> Image.Image:
+        raise AssertionError(f"decoded the image of {row['question_id']}")
+
+    monkeypatch.setattr("vqa.data.dataset.row_image", no_decoding)  # no extraction either
+    with caplog.at_level(logging.INFO, logger="vqa.cli.extract"):
+        train(cached_train_config(tmp_path / "b", shared_data_dir, store))
+    assert store_mtimes(store) == written
+    assert not [r for r in caplog.records if "feature store" in r.getMessage().lower()]
+    monkeypatch.undo()
+
+    ckpt = tmp_path / "cached.ckpt"
+    first["trainer"].save_checkpoint(ckpt)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    data = {"num_workers": 0, "cache_dir": str(tmp_path / "cache")}
+    elsewhere = tmp_path / "eval_store"
+    built_here = evaluate_checkpoint(
+        ckpt,
+        trainer,
+        tmp_path / "e1",
+        data={**data, "feature_dir": str(elsewhere)},
+        split="val2014",
+    )
+    assert sorted(p.name for p in elsewhere.iterdir() if p.is_dir()) == ["val2014"]
+    assert read_manifest(elsewhere / "val2014").differences(read_manifest(store / "val2014")) == {}
+    from_training = evaluate_checkpoint(
+        ckpt, trainer, tmp_path / "e2", data={**data, "feature_dir": str(store)}, split="val2014"
+    )
+    assert store_mtimes(store) == written
+    assert built_here.results_file.read_text() == from_training.results_file.read_text()
+
+
+def test_training_never_overwrites_a_store_made_with_other_settings(
+    tmp_path: Path, shared_data_dir: Path, stores: dict[str, Path]
+) -> None:
+    """A complete store made otherwise is refused by the datamodule as before, an unfinished one
+    by the extractor; an unfinished one made alike is finished."""
+    store = tmp_path / "store"
+    shutil.copytree(stores["float16"], store)
+    written = store_mtimes(store)
+    with pytest.raises(FeatureStoreError, match=r"weights differ"):
+        train(cached_train_config(tmp_path, shared_data_dir, store, "seed=43"))
+    with pytest.raises(FeatureStoreError, match=r"holds only \['layer3', 'layer4'\]"):
+        train(cached_train_config(tmp_path, shared_data_dir, store, "model.visual.stages=[layer2]"))
+    assert store_mtimes(store) == written
+
+    status = np.load(store / "val2014" / STATUS)
+    status[-1] = 0  # as an interrupted extraction leaves it
+    np.save(store / "val2014" / STATUS, status)
+    with pytest.raises(FeatureStoreError, match=r"other settings.*digests.*extract.overwrite"):
+        train(cached_train_config(tmp_path, shared_data_dir, store, "seed=43"))
+    assert np.load(store / "val2014" / STATUS).tolist() == status.tolist()
+
+    train(cached_train_config(tmp_path, shared_data_dir, store))
+    assert (np.load(store / "val2014" / STATUS) == 1).all()
+
+
+def test_training_extracts_nothing_for_an_encoder_it_would_train(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
+    store = tmp_path / "store"
+    with pytest.raises(FeatureStoreError, match=r"frozen visual encoder.*freeze=all"):
+        train(cached_train_config(tmp_path, shared_data_dir, store, "model.visual.freeze=none"))
+    assert not [p for p in store.iterdir() if p.is_dir()]

@@ -510,6 +510,49 @@ def test_validation_scores_only_the_real_rows(make_module) -> None:
     torch.testing.assert_close(module.val_loss.compute(), expected[1])
 
 
+def logged_accuracies(
+    module: VQALitModule, batch: VQABatch, monkeypatch
+) -> tuple[dict[str, float], dict[int, float]]:
+    """What a training, a validation and a test epoch of ``batch`` log, by key, and the
+    validation accuracy of each question."""
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.update({name: value}))
+    module.training_step(batch, 0)
+    module.eval()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        module.test_step(batch, 0)
+    per_question = module.val_acc.per_question()
+    for stage in ("train", "val", "test"):
+        module._log_accuracy(stage)
+    return {k: float(v) for k, v in logged.items()}, per_question
+
+
+def test_validation_and_test_log_accuracy_per_question_family(make_module, monkeypatch) -> None:
+    families = ["count_shape", "exists", "relation"]
+    module = make_module(question_families=families)
+    assert module.hparams.question_families == families  # a plain list in the checkpoint
+    batch = dataclasses.replace(
+        make_batch(), question_family=tuple(("exists", "count_shape")[i % 2] for i in range(6))
+    )
+    logged, per_question = logged_accuracies(module, batch, monkeypatch)
+    for stage in ("val", "test"):
+        for family, first in (("exists", 0), ("count_shape", 1)):
+            expected = np.mean([per_question[i] for i in range(first, 6, 2)])
+            assert logged[f"{stage}/family/{family}"] == pytest.approx(expected), (stage, family)
+        assert f"{stage}/family/relation" not in logged  # asked by no question
+    assert not any(k.startswith("train/family/") for k in logged)
+    assert {"val/acc_yesno", "val/acc_number", "val/acc_other"} <= logged.keys()
+
+
+def test_a_module_without_families_logs_none(make_module, monkeypatch) -> None:
+    """Data without families (VQA v2), and checkpoints saved before modules took them."""
+    module = make_module()
+    assert module.hparams.question_families == ()
+    logged, _ = logged_accuracies(module, make_batch(), monkeypatch)
+    assert "val/acc" in logged and not any("/family/" in k for k in logged)
+
+
 def test_ce_loss_has_no_host_sync(make_module) -> None:
     module = make_module(loss="ce")
     logits = torch.randn(4, len(ANSWERS), requires_grad=True)

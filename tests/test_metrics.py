@@ -16,6 +16,7 @@ from torchmetrics.utilities import dim_zero_sum
 from vqa.data.batch import VQABatch
 from vqa.metrics import (
     ANSWER_TYPES,
+    UNKNOWN_FAMILY,
     UNKNOWN_QUESTION_TYPE,
     SoftScoreAccuracy,
     StepMean,
@@ -71,6 +72,51 @@ def test_hand_computed_accuracy() -> None:
     assert per_question.keys() == EXPECTED_ACC.keys()
     for qid, acc in EXPECTED_ACC.items():
         assert per_question[qid] == pytest.approx(acc, abs=1e-12)
+
+
+# The synthetic set's families of BATCH's questions; "relation" is asked by none of them.
+FAMILIES = ["color_beside", "color_of_shape", "count_shape", "exists", "relation"]
+BATCH_FAMILIES = ["exists", "count_shape", "color_of_shape", "color_beside", "count_color"]
+
+
+def test_accuracy_per_question_family() -> None:
+    metric = VQAAccuracy(question_types=QUESTION_TYPES, question_families=FAMILIES)
+    metric.update(**BATCH, question_families=BATCH_FAMILIES)
+    results = _as_floats(metric.compute())
+    families = {k: v for k, v in results.items() if k.startswith("family/")}
+    assert families == pytest.approx(
+        {
+            "family/exists": 1.0,
+            "family/count_shape": 0.6,
+            "family/color_of_shape": 0.0,
+            "family/color_beside": 0.9,  # "other", like color_of_shape, but scored apart
+            f"family/{UNKNOWN_FAMILY}": 0.6,  # count_color is not in the list: kept, not lost
+        },
+        abs=1e-12,
+    )
+    assert results["other"] == pytest.approx(0.45)  # the answer type mixes the two families
+    # merged "ranks" (the DDP gather) group exactly like one metric over every question
+    first, second = (VQAAccuracy(QUESTION_TYPES, question_families=FAMILIES) for _ in range(2))
+    first.update(**_half(BATCH, slice(0, 3)), question_families=BATCH_FAMILIES[:3])
+    second.update(**_half(BATCH, slice(3, 5)), question_families=BATCH_FAMILIES[3:])
+    first.merge_state(second)
+    merged = _as_floats(first.compute())
+    assert {k: v for k, v in merged.items() if k.startswith("family/")} == pytest.approx(families)
+
+
+def test_families_are_optional_on_both_sides() -> None:
+    # no family list: no family keys, whatever the batch carries
+    plain = VQAAccuracy(question_types=QUESTION_TYPES)
+    plain.update(**BATCH, question_families=BATCH_FAMILIES)
+    assert not any(k.startswith("family/") for k in plain.compute())
+    # a batch without families (VQA v2 data): every question under the unknown family
+    tracking = VQAAccuracy(question_types=QUESTION_TYPES, question_families=FAMILIES)
+    tracking.update(**BATCH)
+    results = _as_floats(tracking.compute())
+    assert [k for k in results if k.startswith("family/")] == [f"family/{UNKNOWN_FAMILY}"]
+    assert results[f"family/{UNKNOWN_FAMILY}"] == pytest.approx(results["overall"])
+    with pytest.raises(ValueError, match="question_families"):
+        tracking.update(**BATCH, question_families=BATCH_FAMILIES[:2])
 
 
 def test_types_without_questions_are_absent() -> None:
@@ -131,7 +177,7 @@ def test_empty_rank_gathers_states_with_their_real_dtypes() -> None:
         return [tensor]
 
     metric._sync_dist(dist_sync_fn=fake_gather)
-    assert gathered == [torch.long, torch.float64, torch.long, torch.long]
+    assert gathered == [torch.long, torch.float64, torch.long, torch.long, torch.long]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchmetrics warns about compute before update
         assert metric.compute() == {}

@@ -71,7 +71,7 @@ def test_output_dir_override_moves_hydra_folder() -> None:
         chosen = compose_run_config("train", ["paths.output_dir=/somewhere/run"])
         assert chosen.hydra.run.dir == "/somewhere/run"
         default = compose_run_config("train", ["paths.log_dir=/logs"])
-        assert default.hydra.run.dir.startswith("/logs/train/runs/")
+        assert default.hydra.run.dir.startswith("/logs/quickstart/runs/")  # the default preset
     finally:
         GlobalHydra.instance().clear()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -26,6 +27,7 @@ from vqa.data.shapes import (
     iter_scenes,
     main,
     sample_scene,
+    scenes_path,
 )
 
 TINY = ShapesConfig(
@@ -89,9 +91,12 @@ def test_official_layout_and_schema(tmp_path: Path) -> None:
             assert set(q) == {"image_id", "question", "question_id"}
             assert q["question_id"] // 1000 == q["image_id"]
             assert layout.image_path(q["image_id"]).is_file()
-    assert not (tmp_path / "Annotations" / "v2_mscoco_test2015_annotations.json").exists()
+    for split in ("train2014", "val2014", "test2015"):
+        questions, annotations = load(tmp_path, split)
+        assert sorted(annotations) == sorted(q["question_id"] for q in questions)
     questions, annotations = load(tmp_path, "val2014")
-    assert sorted(annotations) == sorted(q["question_id"] for q in questions)
+    for q in questions:  # the one field VQA v2 lacks: the template that wrote the question
+        assert annotations[q["question_id"]]["question_family"] == family_of(q["question"])
     for a in annotations.values():
         assert set(a) == {
             "question_type",
@@ -100,6 +105,7 @@ def test_official_layout_and_schema(tmp_path: Path) -> None:
             "image_id",
             "answer_type",
             "question_id",
+            "question_family",
         }
         assert [h["answer_id"] for h in a["answers"]] == list(range(1, 11))
         assert {h["answer_confidence"] for h in a["answers"]} <= {"yes", "maybe", "no"}
@@ -160,6 +166,43 @@ def test_every_answer_is_unique_and_rederivable_from_the_scene(stats_root: Path)
                     assert ((a.x - b.x) ** 2 + (a.y - b.y) ** 2) ** 0.5 >= a.extent + b.extent, (
                         image_id
                     )
+
+
+def test_test_split_is_annotated_held_out_and_rederivable(tmp_path: Path) -> None:
+    generate(tmp_path, TINY)
+    assert split_layout(tmp_path, "test2015").annotations is not None
+    scenes = dict(iter_scenes(tmp_path, "test2015"))
+    questions, annotations = load(tmp_path, "test2015")
+    assert len(questions) == len(annotations) == 3 * 5
+    for q in questions:
+        a = annotations[q["question_id"]]
+        assert recompute(q["question"], scenes[q["image_id"]]) == a["multiple_choice_answer"]
+        assert [h["answer_id"] for h in a["answers"]] == list(range(1, 11))
+    held_out = {q["image_id"] for q in questions}
+    assert held_out == scenes.keys()
+    for split in ("train2014", "val2014"):
+        assert not held_out & dict(iter_scenes(tmp_path, split)).keys(), split
+
+
+# What version 1 wrote for TINY's train/val (scene layouts, questions, the ten human answers
+# each): later versions keep those streams, so results on val stay comparable across versions
+# (version 2 added test2015 annotations and the question_family field).
+V1_CONTENT = {
+    "train2014": "7766ab0b7b3f5a698d47c12afce7d56864b354aead41cc42e55558042edbc1ee",
+    "val2014": "708214e7adf2481ca95efdebb02848bdf97141c0f4661785b5f1ce06b5ed6dbc",
+}
+
+
+def test_train_and_val_are_those_of_generator_version_1(tmp_path: Path) -> None:
+    generate(tmp_path, TINY)
+    for split, expected in V1_CONTENT.items():
+        questions, annotations = load(tmp_path, split)
+        payload = [
+            scenes_path(tmp_path, split).read_text(),
+            questions,
+            [annotations[q["question_id"]]["answers"] for q in questions],
+        ]
+        assert hashlib.sha256(json.dumps(payload).encode()).hexdigest() == expected, split
 
 
 def test_family_of_names_the_family_that_wrote_each_question() -> None:

@@ -16,10 +16,8 @@ from scripts.summarize_sweep import find_sweep, read_metrics, read_overrides, su
 from tests.helpers import (
     TINY_DATA_OVERRIDES,
     TINY_OVERRIDES,
-    compose_config,
     train_multirun_in_process,
 )
-from vqa.cli.extract import extract
 
 # One short epoch per job, nothing written but the CSV logs the summary reads.
 JOB_OVERRIDES = [
@@ -36,8 +34,9 @@ JOB_OVERRIDES = [
 def run_train_cli(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_dir: Path, *args: str
 ) -> Path:
-    """``python train.py -m ARGS`` with the sweep jobs' overrides; returns the sweep folder."""
-    return train_multirun_in_process(monkeypatch, tmp_path, data_dir, *args, *JOB_OVERRIDES)
+    """``python train.py -m ARGS`` with the sweep jobs' overrides; returns the sweep folder.
+    ARGS come last so that an ``experiment=`` among them replaces the tiny ``experiment=none``."""
+    return train_multirun_in_process(monkeypatch, tmp_path, data_dir, *JOB_OVERRIDES, *args)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -48,18 +47,33 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------ summary, fake sweep
 
 
-def fake_run(sweep: Path, index: int, overrides: list[str], val_acc: list[float] | None) -> None:
+def fake_run(
+    sweep: Path,
+    index: int,
+    overrides: list[str],
+    val_acc: list[float] | None,
+    test: dict[str, float] | None = None,
+) -> None:
+    """A job folder whose CSV log holds ``val_acc`` per epoch and, after the fit, the ``test``
+    metrics (as trainer.test logs them: one last row of their own)."""
     run = sweep / str(index)
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
     if val_acc is None:
         return  # a failed job: no metrics
     (run / "csv").mkdir()
-    lines = ["epoch,step,train/loss_step,val/acc,val/acc_best", "0,0,2.5,,"]
+    test = test or {}
+    blank = "," * len(test)
+    lines = [
+        ",".join(["epoch,step,train/loss_step,val/acc,val/acc_best", *test]),
+        f"0,0,2.5,,{blank}",
+    ]
     best = 0.0
     for epoch, acc in enumerate(val_acc):
         best = max(best, acc)
-        lines.append(f"{epoch},{epoch + 1},,{acc},{best}")
+        lines.append(f"{epoch},{epoch + 1},,{acc},{best}{blank}")
+    if test:
+        lines.append(",".join([f"{len(val_acc)},,,,", *map(str, test.values())]))
     (run / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -108,31 +122,51 @@ def test_summary_means_and_stds_over_seeds(tmp_path: Path) -> None:
     assert image.ndim == 3 and image.shape[0] > 100
 
 
+def test_summary_tabulates_the_test_accuracy_per_family(tmp_path: Path) -> None:
+    """test/acc and each test/family/<family> column the runs logged: mean ± std over seeds."""
+    sweep = tmp_path / "sweep"
+    tests = {
+        ("late", 1): {"test/acc": 0.50, "test/family/relation": 0.40, "test/family/exists": 0.8},
+        ("late", 2): {"test/acc": 0.60, "test/family/relation": 0.50, "test/family/exists": 0.9},
+        ("film", 1): {"test/acc": 0.70, "test/family/relation": 0.60, "test/family/exists": 1.0},
+        ("film", 2): {"test/acc": 0.80, "test/family/relation": 0.70, "test/family/exists": 1.0},
+    }
+    for i, ((fusion, seed), test) in enumerate(tests.items()):
+        fake_run(sweep, i, [f"fusion={fusion}", f"seed={seed}"], [0.1 * (i + 1)], test)
+
+    markdown = summarize(sweep).read_text()
+    header = "| fusion | runs | val/acc_best | val/acc | test/acc | test/family/exists | "
+    assert header + "test/family/relation |" in markdown  # families sorted, after test/acc
+    late = "| late | 2 | 15.00 ± 7.07 | 15.00 ± 7.07 | 55.00 ± 7.07 | 85.00 ± 7.07 | 45.00 ± 7.07 |"
+    assert late in markdown
+    rows = {r["fusion"]: r for r in read_rows(sweep / "summary.csv")}
+    for fusion in ("late", "film"):
+        for metric in ("test/acc", "test/family/exists", "test/family/relation"):
+            scores = [t[metric] for (f, _), t in tests.items() if f == fusion]
+            assert float(rows[fusion][f"{metric}_mean"]) == pytest.approx(statistics.fmean(scores))
+            assert float(rows[fusion][f"{metric}_std"]) == pytest.approx(statistics.stdev(scores))
+            assert int(rows[fusion][f"{metric}_n"]) == 2
+
+
 # --------------------------------------------------------------------------- real sweeps
 
 
 def test_fusion_multirun_makes_a_summary_table(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What `make sweep` runs (the quick-start's feature store, then experiment=sweep_fusions),
-    on two fusions and one seed."""
-    store = f"data.feature_dir={tmp_path / 'features'}"
-    extract_cfg = compose_config(
-        "extract_features",
-        ["experiment=quickstart", *JOB_OVERRIDES, store, "extract.progress=false"],
-        tmp_path / "extract",
-        shared_data_dir,
-    )
-    extract(extract_cfg)
+    """What `make sweep` runs (experiment=sweep_fusions: its first job writes the quick-start's
+    feature store, the second finds it complete), on two fusions and one seed."""
+    features = tmp_path / "features"
     sweep = run_train_cli(
         monkeypatch,
         tmp_path,
         shared_data_dir,
         "experiment=sweep_fusions",
         "fusion=parallel,late",
-        "seed=1",  # the store was made with the default seed: init_seed fixes the encoder
-        store,
+        "seed=1",
+        f"data.feature_dir={features}",
     )
+    assert sorted(p.name for p in features.iterdir() if p.is_dir()) == ["train2014", "val2014"]
     runs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
     assert [read_overrides(r)["fusion"] for r in runs] == ["parallel", "late"]
     resolved = [OmegaConf.load(r / ".hydra" / "config.yaml") for r in runs]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from omegaconf import DictConfig, open_dict
 from tests.helpers import CONFIG_DIR, TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config
 from vqa.cli.train import build_components, metric_value, no_validation_reason, train
 from vqa.data.artifacts import artifacts_from_dict
+from vqa.data.shapes import FAMILIES
 
 FUSIONS = sorted(p.stem for p in (CONFIG_DIR / "fusion").glob("*.yaml"))
 
@@ -62,10 +64,24 @@ def test_fit_checkpoint_and_test(cfg_train: DictConfig) -> None:
     last = out / "checkpoints" / "last.ckpt"
     assert last.is_file()
     assert (out / "csv" / "metrics.csv").is_file()
+    # accuracy per question family, for val (each epoch) and the held-out test2015, in the CSV
+    datamodule = objects["datamodule"]
+    assert datamodule.test_split == "test2015" and datamodule.tables["test2015"].annotated
+    with (out / "csv" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for stage, split in (("val", "val2014"), ("test", "test2015")):
+        asked = set(datamodule.tables[split].table["question_family"])
+        assert asked and asked <= set(datamodule.question_families)
+        logged = {k for k in rows[0] if k.startswith(f"{stage}/family/")}
+        assert logged == {f"{stage}/family/{family}" for family in asked}, stage
+        values = [float(r[k]) for r in rows for k in logged if r[k]]
+        assert values and all(0.0 <= v <= 1.0 for v in values)
+    assert sum(bool(r["val/family/exists"]) for r in rows) == 2  # once per epoch
     # nothing in a checkpoint can run code: it loads with weights_only=True and carries what
     # evaluation needs (resolved config, answer vocabulary, tokenizer)
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     hparams = ckpt["hyper_parameters"]
+    assert hparams["question_families"] == sorted(f.name for f in FAMILIES)
     assert hparams["run_config"]["fusion"]["_target_"].endswith("ParallelCoAttention")
     vocab, tokenizer = artifacts_from_dict(hparams["data_artifacts"])
     assert list(vocab.answers) == hparams["answer_vocab"]

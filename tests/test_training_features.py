@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
@@ -25,6 +26,8 @@ import vqa.cli.train
 from tests.helpers import TINY_DATA_OVERRIDES, TINY_OVERRIDES, compose_config, same_state
 from vqa.cli.train import build_components, train
 from vqa.data.answers import normalize_answer, vqa_accuracy
+from vqa.data.layout import annotations_path
+from vqa.data.shapes import ensure_generated
 from vqa.data.table import column
 
 # ----------------------------------------------------------------------------- helpers
@@ -546,13 +549,17 @@ def test_unknown_loss_is_a_clear_error(tmp_path: Path, shared_data_dir: Path) ->
 def test_unannotated_test_split_skips_test_with_a_log_line(
     tmp_path: Path, shared_data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    root = tmp_path / "shapes"
     cfg = tiny_cfg(
         tmp_path,
         shared_data_dir,
+        f"data.root={root}",
         "data.test_split=test2015",
         "trainer.fast_dev_run=true",
         test=True,
     )
+    ensure_generated(root, instantiate(cfg.data.source))
+    annotations_path(root, "test2015").unlink()  # the VQA v2 layout: no public test answers
     with caplog.at_level(logging.WARNING, logger="vqa.cli.train"):
         metrics, objects = train(cfg)
     assert not objects["datamodule"].tables["test2015"].annotated

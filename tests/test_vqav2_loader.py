@@ -22,8 +22,8 @@ from vqa.data.errors import BadRecordLog
 from vqa.data.hub import HubSource
 from vqa.data.hub_access import HubUnavailableError
 from vqa.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_rgb
-from vqa.data.layout import split_layout
-from vqa.data.shapes import ShapesConfig, generate
+from vqa.data.layout import annotations_path, split_layout
+from vqa.data.shapes import ShapesConfig, family_of, generate
 from vqa.data.table import FEATURES
 from vqa.data.vqav2 import load_vqav2_split
 
@@ -89,7 +89,27 @@ def test_questions_and_annotations_are_joined_by_question_id(root: Path) -> None
         assert Path(row["image_path"]) == layout.image_path(row["image_id"]).resolve()
 
 
+def test_synthetic_test2015_is_annotated(root: Path) -> None:
+    test = load_vqav2_split(root, "test2015")
+    assert split_layout(root, "test2015").annotations == annotations_path(root, "test2015")
+    assert test.annotated and len(test.table) == 2 * 3
+    assert all(len(a) == 10 for a in test.table["answers"])
+    assert set(test.table["answer_type"]) <= {"yes/no", "number", "other"}
+
+
+def test_annotations_are_optional_for_test_splits_only(root: Path) -> None:
+    """VQA v2's test splits have no annotations file: questions only. A missing train/val file
+    stays the loader's error to report, so the layout names it whatever."""
+    annotations_path(root, "test2015").unlink()
+    annotations_path(root, "val2014").unlink()
+    assert split_layout(root, "test2015").annotations is None
+    assert split_layout(root, "test-dev2015").annotations is None
+    assert split_layout(root, "val2014").annotations == annotations_path(root, "val2014")
+    assert not annotations_path(root, "val2014").exists()
+
+
 def test_test_splits_have_questions_only_and_test_dev_uses_test2015_images(root: Path) -> None:
+    annotations_path(root, "test2015").unlink()  # the VQA v2 layout: no public test answers
     test = load_vqav2_split(root, "test2015")
     assert not test.annotated and len(test.table) == 2 * 3
     assert set(test.table["answers"][0]) == set() and test.table["multiple_choice_answer"][0] == ""
@@ -100,6 +120,29 @@ def test_test_splits_have_questions_only_and_test_dev_uses_test2015_images(root:
     dev = load_vqav2_split(root, "test-dev2015")
     assert len(dev.table) == 2
     assert all("/test2015/COCO_test2015_" in p for p in dev.table["image_path"])
+
+
+def test_question_family_is_read_when_present_and_none_otherwise(root: Path) -> None:
+    layout = split_layout(root, "val2014")
+    questions = json.loads(layout.questions.read_text())["questions"]
+    with_families = load_vqav2_split(root, "val2014").table
+    assert with_families["question_family"] == [family_of(q["question"]) for q in questions]
+
+    payload = json.loads(layout.annotations.read_text())
+    for ann in payload["annotations"]:
+        del ann["question_family"]  # the official VQA v2 records
+    layout.annotations.write_text(json.dumps(payload))
+    table = load_vqav2_split(root, "val2014").table
+    assert table["question_family"] == [None] * len(questions)
+    dataset = VQADataset(table, placeholder_encoding(len(table)), build_transform(40), True)
+    batch = VQACollator(0, 4)([dataset[0], dataset[1]])
+    assert batch.question_family is None and len(batch.answers) == 2
+
+    payload["annotations"][0]["question_family"] = 3
+    layout.annotations.write_text(json.dumps(payload))
+    bad = BadRecordLog("skip")
+    assert len(load_vqav2_split(root, "val2014", bad).table) == len(questions) - 1
+    assert bad.counts == {"malformed_record": 1}
 
 
 def test_unknown_split_lists_the_known_ones(root: Path) -> None:
@@ -186,6 +229,7 @@ def fake_hub_split(root: Path) -> Dataset:
     rows = []
     for ann in json.loads(layout.annotations.read_text())["annotations"]:
         image = layout.image_path(ann["image_id"]).read_bytes()
+        ann.pop("question_family")  # the synthetic set's own field; VQA v2 has none
         rows.append(
             {
                 **ann,

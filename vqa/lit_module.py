@@ -24,7 +24,7 @@ from torchmetrics import MaxMetric, Metric
 
 from vqa.data.batch import VQABatch
 from vqa.inference import run_model
-from vqa.metrics import SoftScoreAccuracy, StepMean, VQAAccuracy
+from vqa.metrics import FAMILY_PREFIX, SoftScoreAccuracy, StepMean, VQAAccuracy
 from vqa.models.vqa_model import VQAModel, VQAOutput
 from vqa.optim import SchedulerFactory, build_optimization, check_scheduler, parameter_groups
 
@@ -101,9 +101,13 @@ def check_same_world_size(saved: int, current: int) -> None:
 class VQALitModule(LightningModule):
     """Trains a `VQAModel` on soft-score targets and scores it with the official VQA accuracy.
 
-    `answer_vocab` and `question_types` are plain lists and `run_config` a plain dict, so a
-    checkpoint can rebuild the model and its data pipeline without the original run directory
-    and loads with ``torch.load(weights_only=True)``.
+    `answer_vocab`, `question_types` and `question_families` are plain lists and `run_config` a
+    plain dict, so a checkpoint can rebuild the model and its data pipeline without the original
+    run directory and loads with ``torch.load(weights_only=True)``.
+
+    `question_families` (the datamodule's, empty for data without them such as VQA v2) adds
+    validation and test accuracy per family, logged as ``val/family/<family>`` and
+    ``test/family/<family>``.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class VQALitModule(LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: SchedulerFactory | None = None,
         question_types: Sequence[str] = (),
+        question_families: Sequence[str] = (),
         loss: str = "bce",
         image_dropout: float = 0.1,
         question_dropout: float = 0.1,
@@ -150,8 +155,10 @@ class VQALitModule(LightningModule):
         # needs every prediction on the host, which would stall each step. Validation and test
         # report the official metric itself.
         self.train_acc = SoftScoreAccuracy()
-        self.val_acc = VQAAccuracy(question_types=question_types)
-        self.test_acc = VQAAccuracy(question_types=question_types)
+        # Families fixed here, the same on every rank (see VQAAccuracy); none: not tracked.
+        families = list(question_families) or None
+        self.val_acc = VQAAccuracy(question_types=question_types, question_families=families)
+        self.test_acc = VQAAccuracy(question_types=question_types, question_families=families)
         self.train_loss = StepMean()
         self.val_loss = StepMean()
         self.test_loss = StepMean()
@@ -251,6 +258,7 @@ class VQALitModule(LightningModule):
                 question_ids=batch.question_id[:real],
                 answer_types=batch.answer_type,
                 question_types=batch.question_type,
+                question_families=batch.question_family,
             )
         return loss
 
@@ -283,6 +291,12 @@ class VQALitModule(LightningModule):
         for answer_type, key in ANSWER_TYPE_KEYS.items():
             if answer_type in result:
                 self.log(f"{stage}/{key}", result[answer_type])
+        # "<stage>/family/<family>": a group of its own, apart from the answer types' acc_*.
+        # Only val/test group by family: the training accuracy stays on the device, by answer
+        # type only.
+        for key, value in result.items():
+            if key.startswith(FAMILY_PREFIX):
+                self.log(f"{stage}/{key}", value)
         metric.reset()
         # Epoch losses are computed here, in the same order on every rank, rather than logged
         # as Metric objects: Lightning computes (and syncs) those lazily when something reads

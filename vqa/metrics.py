@@ -16,10 +16,12 @@ from vqa.data.answers import vqa_accuracy
 
 ANSWER_TYPES: tuple[str, ...] = ("yes/no", "number", "other")
 UNKNOWN_QUESTION_TYPE = "<unknown>"
+UNKNOWN_FAMILY = "<unknown>"
+FAMILY_PREFIX = "family/"  # compute()'s keys of the per-family accuracies
 
 
 class VQAAccuracy(Metric):
-    """Official VQA accuracy, overall and per answer / question type.
+    """Official VQA accuracy, overall and per answer / question type / question family.
 
     Per-question scores are kept (``cat`` states keyed by question id) rather than running sums,
     because Lightning's ``DistributedSampler`` pads the last batch with repeated samples: only
@@ -27,6 +29,10 @@ class VQAAccuracy(Metric):
     from lists fixed at construction, so every rank uses the same mapping; pass the sorted
     question types of the dataset. A question type missing from that list is counted under
     ``question_type/<unknown>`` instead of being dropped.
+
+    ``question_families`` (the synthetic set's templates, finer than answer types) are grouped
+    the same way, under ``family/<name>``; a question without a family, or with one missing
+    from the list, under ``family/<unknown>``. None (the default) tracks no families.
     """
 
     is_differentiable = False
@@ -37,25 +43,30 @@ class VQAAccuracy(Metric):
     accuracy: list[Tensor] | Tensor
     answer_type: list[Tensor] | Tensor
     question_type: list[Tensor] | Tensor
+    question_family: list[Tensor] | Tensor
 
     def __init__(
         self,
         question_types: Sequence[str] | None = None,
         *,
         answer_types: Sequence[str] = ANSWER_TYPES,
+        question_families: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.answer_types = tuple(answer_types)
         self.question_types = None if question_types is None else tuple(question_types)
+        self.question_families = None if question_families is None else tuple(question_families)
         self._answer_type_index = {name: i for i, name in enumerate(self.answer_types)}
-        # The unknown bucket is the index just past the known question types.
+        # The unknown buckets are the indices just past the known question types / families.
         self._question_type_index = {name: i for i, name in enumerate(self.question_types or ())}
+        self._family_index = {name: i for i, name in enumerate(self.question_families or ())}
         self._state_dtypes = {
             "question_id": torch.long,
             "accuracy": torch.float64,  # exact enough to round percentages like the official tool
             "answer_type": torch.long,
             "question_type": torch.long,
+            "question_family": torch.long,
         }
         for name in self._state_dtypes:
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -67,8 +78,13 @@ class VQAAccuracy(Metric):
         question_ids: Tensor | Sequence[int],
         answer_types: Sequence[str],
         question_types: Sequence[str] | None = None,
+        question_families: Sequence[str | None] | None = None,
     ) -> None:
-        """Score a batch of predicted answer strings against the ten human answers each."""
+        """Score a batch of predicted answer strings against the ten human answers each.
+
+        ``question_families`` None: the batch names none (VQA v2), each question counts under
+        ``family/<unknown>`` when the metric tracks families.
+        """
         n = len(predictions)
         lengths = {
             "human_answers": len(human_answers),
@@ -77,6 +93,8 @@ class VQAAccuracy(Metric):
         }
         if question_types is not None:
             lengths["question_types"] = len(question_types)
+        if question_families is not None:
+            lengths["question_families"] = len(question_families)
         bad = {k: v for k, v in lengths.items() if v != n}
         if bad:
             raise ValueError(f"VQAAccuracy.update: {n} predictions but lengths {bad}")
@@ -114,9 +132,19 @@ class VQAAccuracy(Metric):
                 device=device,
             )
         )
+        unknown_family = len(self._family_index)
+        families = [None] * n if question_families is None else question_families
+        self.question_family.append(
+            torch.tensor(
+                [self._family_index.get(f, unknown_family) for f in families],
+                dtype=torch.long,
+                device=device,
+            )
+        )
 
-    def _deduplicated(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        """States with one row per question id (the first seen), sorted by id; None if empty."""
+    def _deduplicated(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+        """States with one row per question id (the first seen), sorted by id; None if empty:
+        ids, accuracy, answer type, question type, question family."""
         if isinstance(self.question_id, list) and not self.question_id:
             return None
         ids = dim_zero_cat(self.question_id)
@@ -132,21 +160,27 @@ class VQAAccuracy(Metric):
             dim_zero_cat(self.accuracy)[first],
             dim_zero_cat(self.answer_type)[first],
             dim_zero_cat(self.question_type)[first],
+            dim_zero_cat(self.question_family)[first],
         )
 
     def compute(self) -> dict[str, Tensor]:
-        """Accuracy fractions in [0, 1]: "overall", each answer type seen, and
-        "question_type/<type>" for each question type seen (absent rather than NaN)."""
+        """Accuracy fractions in [0, 1]: "overall", each answer type seen,
+        "question_type/<type>" for each question type seen and, when the metric tracks them,
+        "family/<family>" for each question family seen (absent rather than NaN)."""
         states = self._deduplicated()
         if states is None:
             return {}
-        _, acc, answer_type, question_type = states
+        _, acc, answer_type, question_type, question_family = states
         results = {"overall": acc.mean()}
         results |= _grouped_means(acc, answer_type, self.answer_types)
         if self.question_types is not None:
             names = (*self.question_types, UNKNOWN_QUESTION_TYPE)
             grouped = _grouped_means(acc, question_type, names)
             results |= {f"question_type/{name}": value for name, value in grouped.items()}
+        if self.question_families is not None:
+            names = (*self.question_families, UNKNOWN_FAMILY)
+            grouped = _grouped_means(acc, question_family, names)
+            results |= {FAMILY_PREFIX + name: value for name, value in grouped.items()}
         return results
 
     def per_question(self) -> dict[int, float]:
@@ -155,7 +189,7 @@ class VQAAccuracy(Metric):
             states = self._deduplicated()
         if states is None:
             return {}
-        ids, acc, _, _ = states
+        ids, acc, *_ = states
         return dict(zip(ids.tolist(), acc.tolist(), strict=True))
 
     def _sync_dist(

@@ -103,6 +103,7 @@ class Sizes:
     scale_warmup: int = 1
     gpu_overrides: list[str] = field(
         default_factory=lambda: [
+            "experiment=none",  # train.yaml's base, not its default quick-start preset
             "model/visual=resnet101",
             "model/text=bert_base_random",
             "data.image_size=448",
@@ -143,10 +144,12 @@ class Sizes:
 # store of their own (fusion_overrides).
 QUICKSTART = ["experiment=quickstart", "data.features=images", "model.visual.freeze=none"]
 # Tiny composition for tests: the same one as the test suite's, so a test session's data is reused.
+# QUICKSTART comes after the tiny overrides so that its `experiment=quickstart` replaces their
+# `experiment=none` (Hydra takes the last choice of a group).
 TINY = [
-    *QUICKSTART,
     *TINY_MODEL_OVERRIDES,
     *TINY_DATA_OVERRIDES,
+    *QUICKSTART,
     "callbacks.rich_progress_bar=null",
     "callbacks.rich_model_summary=null",
 ]
@@ -170,6 +173,7 @@ E2E_RECIPE = [
 LATENCY_MODELS: dict[str, list[str]] = {
     "quickstart": ["experiment=quickstart", "data.features=images"],
     "resnet101_bert_base": [
+        "experiment=none",  # train.yaml's base, not its default quick-start preset
         "model/visual=resnet101",
         "model.visual.stages=[layer4]",
         "model/text=bert_base_random",
@@ -689,8 +693,7 @@ def build_feature_store(sizes: Sizes, workdir: Path, threads: int) -> dict[str, 
         config_name="extract_features",
     )
     torch.set_num_threads(threads)
-    with contextlib.redirect_stdout(sys.stderr):  # its rich table: keep stdout for ours
-        (report,) = extract(cfg)
+    (report,) = extract(cfg)
     return {
         "feature_dir": str(feature_dir),
         "images": report.num_images,

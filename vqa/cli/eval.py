@@ -2,14 +2,15 @@
 
 Rebuilds the model, vocabulary and tokenizer from the checkpoint, runs one split and writes into
 the run folder an EvalAI results file ``[{"question_id", "answer"}]`` covering every question of
-the split, plus ``metrics.json``. Annotated splits (val2014) are scored by the offline evaluator
-(:func:`vqa.official_scorer.evaluate_results`, the official algorithm) on exactly the results that
-file holds; test-dev2015 / test2015 have no public answers, so the file is the submission and
-scoring happens on EvalAI.
+the split, plus ``metrics.json``. Annotated splits (val2014, and the synthetic set's test2015)
+are scored by the offline evaluator (:func:`vqa.official_scorer.evaluate_results`, the official
+algorithm) on exactly the results that file holds; VQA v2's test-dev2015 / test2015 have no public
+answers, so the file is the submission and scoring happens on EvalAI.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -32,9 +33,17 @@ from rich.table import Table
 from torch import Tensor
 
 from vqa.checkpoint import TrainedModel, load_checkpoint
+from vqa.cli.extract import (
+    build_missing_stores,
+    default_options,
+    ready_encoder,
+    resolve_device,
+    write_stores,
+)
 from vqa.config_schema import register_schemas
 from vqa.data.batch import VQABatch
 from vqa.data.datamodule import VQADataModule
+from vqa.data.features import ExtractionReport
 from vqa.data.table import column
 from vqa.inference import run_model
 from vqa.models.vqa_model import VQAModel
@@ -157,8 +166,26 @@ def build_datamodule(
     )
     datamodule.use_visual_encoder(trained.model.visual.describe())
     datamodule.prepare_data()
+    if datamodule.features == "cached":
+        build_split_store(trained, datamodule, split)
     datamodule.setup("predict")
     return datamodule
+
+
+def build_split_store(trained: TrainedModel, datamodule: VQADataModule, split: str) -> None:
+    """Write ``split``'s feature store if it is missing or unfinished, as training does, with
+    the checkpoint's own encoder: its maps are then exactly the ones the model was trained on,
+    whatever machine made the training stores."""
+
+    def write(splits: list[str]) -> list[ExtractionReport]:
+        device = resolve_device("auto")
+        # A copy: the model itself stays where the trainer expects it.
+        encoder = ready_encoder(copy.deepcopy(trained.model.visual), device)
+        options = default_options(progress=False, num_workers=datamodule.num_workers)
+        encoder_config = trained.run_config["model"]["visual"]
+        return write_stores(datamodule, encoder, encoder_config, splits, options)
+
+    build_missing_stores(datamodule.feature_dir, [split], write)
 
 
 def results_file_name(split: str, method_name: str) -> str:

@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 from vqa.callbacks import Preempted
+from vqa.cli.extract import extract_missing
 from vqa.config_schema import register_schemas
 from vqa.data.tokenizer import tokenizer_spec
 from vqa.models.compilation import compile_network
@@ -57,6 +58,7 @@ def build_components(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightn
         net=net,
         answer_vocab=list(datamodule.answer_vocab.answers),
         question_types=list(datamodule.question_types),
+        question_families=list(datamodule.question_families),
         run_config=OmegaConf.to_container(cfg, resolve=True),
         data_artifacts=datamodule.artifacts(),
     )
@@ -81,7 +83,8 @@ def continue_checkpoints(ckpt_path: str, callbacks: list[pl.Callback]) -> None:
 
 def has_test_annotations(datamodule: pl.LightningDataModule) -> bool:
     """Whether `trainer.test` can score the test split: VQA v2 test-dev2015/test2015 have
-    questions only, and are for `predict` (EvalAI submissions), not for `test`."""
+    questions only, and are for `predict` (EvalAI submissions), not for `test`; the synthetic
+    set's test2015 is annotated, a held-out split to score."""
     split = getattr(datamodule, "test_split", None)
     if split is None:
         return False
@@ -148,8 +151,30 @@ def no_best_checkpoint_cause(trainer: pl.Trainer) -> str:
     return "ModelCheckpoint saved none"
 
 
+def build_feature_stores(cfg: DictConfig) -> None:
+    """With ``data.features=cached``, write the feature stores this run reads and lacks (none
+    yet, or interrupted) with ``python -m vqa.cli.extract``'s code; complete stores are left to
+    the datamodule, which refuses one made with other settings.
+
+    Here rather than in the datamodule's ``prepare_data``: extraction needs the encoder itself,
+    which only this side builds, and ``build_components`` opens the stores (``setup``) before
+    the model exists. Ranks and sweep jobs that start together take turns on a lock, so one of
+    them writes; under Lightning's own DDP launcher the other ranks start only at ``fit``.
+    """
+    data = cfg.data
+    if data.get("features") != "cached" or not data.get("feature_dir"):
+        return  # no feature_dir: the datamodule says what is missing
+    # setup("fit") opens train and val whatever `train` says; the test stage opens the test split.
+    splits = [data.get("train_split"), data.get("val_split")]
+    if cfg.get("test"):
+        splits.append(data.get("test_split"))
+    extract_missing(cfg, [s for s in splits if s])
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit and test; returns every metric the trainer logged and the objects it built."""
+    # Before seeding: extraction seeds and draws its encoder as a separate extract run would.
+    build_feature_stores(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 

@@ -37,8 +37,11 @@ class VQABatch:
     ``image_valid`` [U] mark the real rows, which come first (padding rows of
     ``answer_type_id`` hold any index).
 
-    Host records, one per real question: ``question``, ``question_type``, ``answer_type`` and,
-    for annotated splits, the ten human ``answers`` the official metric scores against.
+    Host records, one per real question: ``question``, ``question_type``, ``answer_type``,
+    for annotated splits the ten human ``answers`` the official metric scores against, and
+    for data that names them (the synthetic set) the ``question_family`` of each question
+    (None for data without families, such as VQA v2; an entry is None for a question without
+    one).
     """
 
     input_ids: Tensor
@@ -56,6 +59,7 @@ class VQABatch:
     question_type: tuple[str, ...] = ()
     answer_type: tuple[str, ...] = ()
     answers: tuple[tuple[str, ...], ...] | None = None
+    question_family: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.visual_features is None):
@@ -69,12 +73,14 @@ class VQABatch:
         }
         if self.answers is not None:
             records["answers"] = self.answers
+        if self.question_family is not None:
+            records["question_family"] = self.question_family
         counts = {name: len(values) for name, values in records.items()}
         if len(set(counts.values())) > 1 or counts["question"] > self.num_questions:
             raise ValueError(
                 "a VQABatch holds one host record per real question in each of question, "
-                f"question_type, answer_type (and answers), at most {self.num_questions}; "
-                f"got {counts}"
+                "question_type, answer_type (and answers, question_family), at most "
+                f"{self.num_questions}; got {counts}"
             )
 
     @property

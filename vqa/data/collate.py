@@ -51,7 +51,8 @@ class VQACollator:
     ``input_ids``/``attention_mask`` [B,N] long (right padding),
     ``question_id``/``image_id`` [B] long, ``question``/``question_type``/``answer_type``
     tuples; for annotated splits also ``answers`` (ten raw strings each), ``targets``
-    [B, num_answers] float soft scores and ``answer_type_id`` [B] long.
+    [B, num_answers] float soft scores and ``answer_type_id`` [B] long; ``question_family``
+    when any question of the batch has one (the synthetic set), else None.
 
     With a ``features`` store (samples carry ``feature_row``), ``visual_features`` replaces
     ``images``: one [U,C_s,H_s,W_s] tensor per stage, in the store's dtype (float16 halves the
@@ -108,6 +109,7 @@ class VQACollator:
                 ),
                 "answers": tuple(tuple(s["answers"]) for s in kept),
             }
+        families = tuple(s.get("question_family") for s in kept)
         batch = VQABatch(
             input_ids=input_ids,
             attention_mask=(torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
@@ -117,6 +119,7 @@ class VQACollator:
             question=tuple(s["question"] for s in kept),
             question_type=tuple(s["question_type"] for s in kept),
             answer_type=tuple(s["answer_type"] for s in kept),
+            question_family=families if any(f is not None for f in families) else None,
             **visual,
             **annotated,
         )

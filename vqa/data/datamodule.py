@@ -101,8 +101,10 @@ def _tokenizer_key(tokenizer: PreTrainedTokenizerFast) -> str:
 class VQADataModule(pl.LightningDataModule):
     """VQA batches from any :class:`~vqa.data.sources.DataSource` (shapes, vqav2, hub).
 
-    After ``setup()``: ``answer_vocab``, ``tokenizer``, ``question_types`` (sorted, all loaded
-    annotated splits) and ``bad_records`` ({split: {reason: count}} of skipped records).
+    After ``setup()``: ``answer_vocab``, ``tokenizer``, ``question_types`` and
+    ``question_families`` (sorted, all loaded annotated splits; families only where the
+    annotations name them, the synthetic set: else empty) and ``bad_records`` ({split: {reason:
+    count}} of skipped records).
 
     The tokenizer is ``tokenizer`` when given (a checkpoint's), else the one
     :meth:`use_tokenizer` chose, built at ``setup`` (by default a WordPiece vocabulary from the
@@ -185,6 +187,7 @@ class VQADataModule(pl.LightningDataModule):
         self.tokenizer = tokenizer
         self.group_by_image, self.seed = group_by_image, seed
         self.question_types: list[str] = []
+        self.question_families: list[str] = []
         self.bad_records: dict[str, dict[str, int]] = {}
         self.tables: dict[str, SplitTable] = {}
         self.datasets: dict[str, VQADataset] = {}
@@ -276,12 +279,15 @@ class VQADataModule(pl.LightningDataModule):
                 "datamodule.use_visual_encoder(model.visual.describe()) before the trainer runs "
                 "(vqa.cli.train does)"
             )
-        self.question_types = sorted(
+        annotated = [t.table for t in self.tables.values() if t.annotated]
+        self.question_types = sorted({qt for t in annotated for qt in column(t, "question_type")})
+        self.question_families = sorted(
             {
-                qt
-                for t in self.tables.values()
-                if t.annotated
-                for qt in column(t.table, "question_type")
+                f
+                for t in annotated
+                if "question_family" in t.column_names
+                for f in column(t, "question_family")
+                if f is not None
             }
         )
 

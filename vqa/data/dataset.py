@@ -142,6 +142,8 @@ class VQADataset(torch.utils.data.Dataset):
             "question": row["question"],
             "question_type": row["question_type"],
             "answer_type": row["answer_type"],
+            # .get: tables built before the column existed (or by hand) have no families
+            "question_family": row.get("question_family"),
         }
         if self.annotated:
             sample["answers"] = row["answers"]

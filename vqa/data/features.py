@@ -197,6 +197,24 @@ def read_manifest(directory: str | Path) -> Manifest | None:
     return Manifest.from_json(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def store_complete(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a finished store, whatever settings made it."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():  # written last: a folder without one is no store
+        return False
+    return not (np.load(directory / STATUS) == PENDING).any()
+
+
+def require_frozen(encoder: VisualEncoderDescription) -> None:
+    """Cached maps are what a frozen encoder computes: refuse one that would still train."""
+    if not encoder.frozen:
+        trainable = encoder.trainable
+        raise FeatureStoreError(
+            "data.features=cached needs a frozen visual encoder (model.visual.freeze=all): "
+            f"{len(trainable)} of its parameters are trainable (e.g. {trainable[0]})"
+        )
+
+
 def build_manifest(
     encoder: StageEncoder,
     encoder_config: dict[str, Any],

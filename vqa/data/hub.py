@@ -85,7 +85,7 @@ class HubSource:
                 field=self.image_column,
                 reason="malformed_record",
             )
-        annotated = SPLITS[split][1]
+        annotated = SPLITS[split][1]  # VQA v2's test splits: no public answers on the hub either
         where = f"hub:{self.path}[{self.split_map[split]}]"
         # Validate the metadata only: without the image column nothing gets decoded.
         records = hub.remove_columns(self.image_column).to_list()

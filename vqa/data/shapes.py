@@ -13,7 +13,12 @@ exactly one correct answer by construction (referents are unique, "left of" comp
 and is only asked where one object qualifies). Ten simulated annotators mostly give the
 canonical answer, some a variant that normalises to it ("Yes", "two", "Red!"), a few a wrong
 but plausible one, so normalisation and soft scores are exercised for real. The scene layouts
-are written beside the data (``Scenes/``) so every answer can be re-derived.
+are written beside the data (``Scenes/``) so every answer can be re-derived, and each
+annotation names the family that wrote its question (``question_family``, an extra field the
+VQA v2 loader reads when present), so training logs accuracy per family.
+
+Unlike VQA v2, test2015 is annotated too: val2014 selects the checkpoint and test2015 is held
+out, scored once.
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from vqa.data.layout import split_layout
+from vqa.data.layout import annotations_path, split_layout
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+# 2: test2015 annotated, annotations name their question family. Bump on any change to what
+# is written, so cached sets regenerate.
+GENERATOR_VERSION = 2
+# Seeds the per-split random streams; kept at 1 so that train2014/val2014 stay those of version 1.
+STREAM_VERSION = 1
 MANIFEST_NAME = "shapes_manifest.json"
 SPLITS = ("train2014", "val2014", "test2015")
 
@@ -70,7 +79,7 @@ class ShapesConfig:
 
     num_train_images: int = 2000
     num_val_images: int = 500
-    num_test_images: int = 200
+    num_test_images: int = 500
     questions_per_image: int = 6
     image_size: int = 128
     seed: int = 0
@@ -386,9 +395,9 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def _generate_split(
     root: Path, split: str, num_images: int, first_image_id: int, config: ShapesConfig
 ) -> dict[str, int]:
-    """Write one split's images, questions, annotations (not for test) and scene metadata."""
+    """Write one split's images, questions, annotations and scene metadata."""
     # One stream per split: resizing one split leaves the others' content unchanged.
-    rng = random.Random(f"shapes-v{GENERATOR_VERSION}-seed{config.seed}-{split}")
+    rng = random.Random(f"shapes-v{STREAM_VERSION}-seed{config.seed}-{split}")
     sampler = QuestionSampler(rng)
     layout = split_layout(root, split)
     layout.image_dir.mkdir(parents=True, exist_ok=True)
@@ -404,8 +413,6 @@ def _generate_split(
             questions.append(
                 {"image_id": image_id, "question": q.question, "question_id": question_id}
             )
-            if layout.annotations is None:
-                continue  # test splits: questions only, as in VQA v2
             annotations.append(
                 {
                     "question_type": q.family.question_type,
@@ -415,12 +422,13 @@ def _generate_split(
                     "image_id": image_id,
                     "answer_type": q.family.answer_type,
                     "question_id": question_id,
+                    # Not in VQA v2: the template, finer than the answer type (see family_of)
+                    "question_family": q.family.name,
                 }
             )
     header = {"info": _INFO, "license": _LICENSE, "data_type": "mscoco", "data_subtype": split}
     _write_json(layout.questions, {**header, "task_type": "Open-Ended", "questions": questions})
-    if layout.annotations is not None:
-        _write_json(layout.annotations, {**header, "annotations": annotations})
+    _write_json(annotations_path(root, split), {**header, "annotations": annotations})
     _write_json(
         scenes_path(root, split),
         {"data_subtype": split, "image_size": config.image_size, "scenes": scenes},

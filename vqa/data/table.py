@@ -3,10 +3,13 @@
 One row per question, joined with its annotation::
 
     question_id, image_id, question, image_path, question_type, answer_type,
-    answers (the ten raw human answers), multiple_choice_answer
+    answers (the ten raw human answers), multiple_choice_answer, question_family
 
-Test splits have no annotation: their annotation columns hold "" and []. A source whose images
-live inside the table (a hub dataset) has an ``image`` column instead of ``image_path``.
+``question_family`` is not a VQA v2 field: the synthetic set's annotations carry it (the
+template that wrote the question, :func:`vqa.data.shapes.family_of`); it is None elsewhere.
+In unannotated splits (VQA v2's test splits) the annotation columns hold "" and []. A source
+whose images live inside the table (a hub dataset) has an ``image`` column instead of
+``image_path``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ FEATURES = Features(
         "answer_type": Value("string"),
         "answers": List(Value("string")),
         "multiple_choice_answer": Value("string"),
+        "question_family": Value("string"),  # None where the annotation has none (VQA v2)
     }
 )
 
@@ -103,6 +107,7 @@ def build_row(
         "answer_type": "",
         "answers": [],
         "multiple_choice_answer": "",
+        "question_family": None,
     }
     if not annotated:
         return row
@@ -144,10 +149,19 @@ def build_row(
     for field in ("question_type", "multiple_choice_answer"):
         if not isinstance(annotation.get(field), str):
             raise bad(f"missing or non-string {field}", annotations_file, field, "malformed_record")
+    family = annotation.get("question_family")
+    if family is not None and not (isinstance(family, str) and family):
+        raise bad(
+            f"question_family must be a non-empty string when present, got {family!r}",
+            annotations_file,
+            "question_family",
+            "malformed_record",
+        )
     row.update(
         question_type=annotation["question_type"],
         answer_type=annotation["answer_type"],
         answers=[a["answer"] for a in answers],
         multiple_choice_answer=annotation["multiple_choice_answer"],
+        question_family=family,
     )
     return row

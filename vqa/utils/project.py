@@ -18,9 +18,12 @@ from vqa.utils.rich_config import print_config_tree
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
-# The smallest real composition, for smoke runs (tests, `benchmark.py --quick`): ResNet-18 stages
-# at 32 px, a two-layer BERT, a small fusion and head ...
+# The smallest real composition, for smoke runs (tests, `benchmark.py --quick`): train.yaml's bare
+# base, not its default quick-start preset, with ResNet-18 stages at 32 px, a two-layer BERT, a
+# small fusion and head ... A preset chosen after this list replaces `experiment=none` (Hydra takes
+# the last choice of a group); one chosen before it is replaced by it.
 TINY_MODEL_OVERRIDES: list[str] = [
+    "experiment=none",
     "model/visual=resnet18",
     "model/text=bert_tiny",
     "fusion.hidden_dim=32",
@@ -53,6 +56,12 @@ def compose_run_config(
 ) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` with ``overrides`` as the command line would,
     for code that runs a job without ``@hydra.main`` (tests, benchmarks).
+
+    ``overrides`` are Hydra's, with Hydra's rules: of several choices of one config group the
+    last wins, so ``[*TINY_MODEL_OVERRIDES, "experiment=quickstart"]`` is the quick-start at tiny
+    sizes, while ``["experiment=quickstart", *TINY_MODEL_OVERRIDES]`` is the bare base
+    (``experiment=none``) at tiny sizes. Value overrides (``fusion.hidden_dim=32``) apply after
+    every chosen file, wherever they stand in the list.
 
     ``output_dir`` stands in for the run folder Hydra would create. A ``HydraConfig`` is set,
     as in a real run, so ``${hydra:...}`` interpolations resolve.
