@@ -34,10 +34,12 @@ ATOL = 1e-5
 # (attention pooling is permutation-equivariant); convolutional blocks are not.
 CELL_PERMUTATION_INVARIANT = {"early", "parallel", "alternating"}
 # Block-specific forms checked against the full contract on top of the yaml defaults.
+CONDITIONED = {"cell_conditioning": True, "count": True}
 VARIANTS = {
-    "parallel": [{"form": "lu"}],
+    "parallel": [{"form": "lu"}, CONDITIONED],
     "early": [{"op": "sum"}],
-    "alternating": [{"steps": 1}, {"steps": 3}],
+    "alternating": [{"steps": 1}, {"steps": 3}, CONDITIONED],
+    "multihead": [CONDITIONED],
     "film": [{"glimpses": 2}],
 }
 

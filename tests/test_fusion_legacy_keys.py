@@ -120,4 +120,5 @@ def test_every_fusion_class_is_in_the_fixture() -> None:
         "AlternatingCoAttention",
         "HierarchicalCoAttention",
         "MultiheadCoAttention",
+        "FiLMFusion",
     }

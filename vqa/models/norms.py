@@ -49,7 +49,9 @@ _ROWS = _PaddingRows()
 @contextmanager
 def padding_rows(valid: Tensor | None) -> Iterator[None]:
     """Batch norms inside take their batch statistics over the rows where ``valid`` [R] (bool)
-    is True; ``None``: over every row, exactly as ``nn.BatchNorm*``.
+    is True; ``None``: over every row, exactly as ``nn.BatchNorm*``. A float ``valid`` weighs
+    each row by its value, as if the row were repeated that many times (``VQAModel`` weighs an
+    image row by the questions that read it).
 
     Every norm inside that uses batch statistics must see R rows: a module that reshapes rows
     (heads into the batch, say) would otherwise get the mask of other rows, so that raises.

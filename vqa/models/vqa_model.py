@@ -105,8 +105,6 @@ class VQAModel(nn.Module):
             if image_index is None:
                 image_index = torch.arange(null_row, device=drop_image.device)
             image_index = torch.where(drop_image, null_row, image_index)
-            if image_valid is not None:
-                image_valid = torch.cat([image_valid, image_valid.new_ones(1)])
             visual = [
                 torch.cat(
                     [
@@ -120,7 +118,10 @@ class VQAModel(nn.Module):
                 for stage in visual
             ]
         # Per distinct image first, then repeated per question (FusionBlock.prepare_visual).
-        with padding_rows(image_valid):
+        rows = self._prepare_rows(
+            image_valid, image_index, drop_image, question_valid, len(visual[0])
+        )
+        with padding_rows(rows):
             prepared = self.fusion.prepare_visual(visual)
         if image_index is not None:
             prepared = [part.index_select(0, image_index) for part in prepared]
@@ -139,3 +140,31 @@ class VQAModel(nn.Module):
             fused = self.fusion.fuse(prepared, text, mask)
             logits = self.head(fused.features)
         return VQAOutput(logits=logits, attention=fused.attention)
+
+    @staticmethod
+    def _prepare_rows(
+        image_valid: Tensor | None,
+        image_index: Tensor | None,
+        drop_image: Tensor | None,
+        question_valid: Tensor | None,
+        rows: int,
+    ) -> Tensor | None:
+        """The rows ``prepare_visual``'s batch norms take their statistics over: a [rows]
+        weight per image row (``vqa.models.norms.padding_rows``).
+
+        With modality dropout, each image row (the null image's included) weighs as many
+        questions as read it, which is what a per-question computation would give: an image
+        that no question reads any more (its questions all dropped it) then neither shapes the
+        statistics the null image is normalised with nor receives gradient through them, so a
+        model trained with ``image_dropout=1`` learns nothing from images. Otherwise: the valid
+        image rows (all of them without static shapes).
+        """
+        if drop_image is None or image_index is None:
+            return image_valid
+        weights = (
+            torch.ones_like(image_index, dtype=torch.float32)
+            if question_valid is None
+            else question_valid.to(torch.float32)
+        )
+        # index_add, not bincount: bincount reads the largest index back on the host.
+        return weights.new_zeros(rows).index_add_(0, image_index, weights)

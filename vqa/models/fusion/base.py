@@ -21,9 +21,13 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vqa.models.norms import SafeBatchNorm2d
+from vqa.models.norms import SafeBatchNorm1d, SafeBatchNorm2d
 
 GRID_NORMS = ("batch", "none")
+QUESTION_NORMS = ("batch", "none")
+# Scale of an unnormalised read-out (a sum over cells): O(1..10) on the grids in use without
+# dividing by the number of cells, which would make a count depend on the grid size.
+SUM_SCALE = 1.0 / 8.0
 
 
 @dataclass
@@ -163,7 +167,9 @@ def keep_top_k(logits: Tensor, k: int | None, valid: Tensor | None = None) -> Te
     ``k=None`` or ``k >=`` a row's number of valid keys keeps every valid key of that row, so
     top-k then equals dense.
     """
-    keep = torch.ones_like(logits, dtype=torch.bool) if valid is None else valid.expand_as(logits)
+    # Without a mask every key is kept: ``logits == logits`` rather than ``ones_like``, whose
+    # all-True result the ONNX exporter may fold into a constant of the traced shape.
+    keep = logits == logits if valid is None else valid.expand_as(logits)
     if k is None:
         return keep
     # No static k reaches topk and no Python branch looks at a length: an exported graph then
@@ -239,12 +245,24 @@ class SpatialGrid(nn.Module):
         positional: bool = True,
         constraint: bool = False,
         norm: str = "none",
+        stride: int = 1,
     ) -> None:
         super().__init__()
         if norm not in GRID_NORMS:
             raise ValueError(f"grid_norm={norm!r} must be one of {GRID_NORMS}")
+        if stride < 1:
+            raise ValueError(f"grid_stride={stride} must be >= 1")
         self.norm = SafeBatchNorm2d(in_channels) if norm == "batch" else nn.Identity()
-        self.proj = nn.Linear(in_channels, dim)
+        # stride 1: each cell on its own (a 1x1 projection). stride s: each s x s patch of a finer
+        # cached map is read by a trained conv, which sees the shape of what lies in the patch.
+        self.proj = (
+            nn.Linear(in_channels, dim)
+            if stride == 1
+            else nn.Sequential(
+                nn.Conv2d(in_channels, dim, stride, stride=stride), SafeBatchNorm2d(dim), nn.ReLU()
+            )
+        )
+        self.stride = stride
         self.position = nn.Linear(4, dim) if positional else None
         self.constraint = (
             nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)) if constraint else None
@@ -252,15 +270,33 @@ class SpatialGrid(nn.Module):
 
     def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
         """[B, C, H, W] -> (tokens [B, H*W, dim], constraint weights [1, H*W] or None)."""
-        _, _, h, w = feature_map.shape
-        tokens = self.proj(flatten_grid(self.norm(feature_map)))
-        boxes = grid_boxes(h, w, device=feature_map.device, dtype=tokens.dtype)
+        cells = self.cells(feature_map)
+        height, width = cells.shape[1:3]
+        return cells.flatten(1, 2), self.prior(height, width, cells)
+
+    def cells(self, feature_map: Tensor) -> Tensor:
+        """[B, C, H, W] -> the positioned tokens as a grid, [B, H / stride, W / stride, dim]."""
+        normed = self.norm(feature_map)
+        if self.stride > 1:
+            normed = self.proj(normed)
+        # The grid's size is read off the map (never computed from the stride), so an exported
+        # graph keeps it tied to its input.
+        h, w = normed.shape[-2:]
+        tokens = flatten_grid(normed)
+        if self.stride == 1:
+            tokens = self.proj(tokens)
         if self.position is not None:
+            boxes = grid_boxes(h, w, device=feature_map.device, dtype=tokens.dtype)
             tokens = tokens + self.position(boxes)
-        weights = None
-        if self.constraint is not None:
-            weights = torch.sigmoid(self.constraint(boxes)).squeeze(-1).unsqueeze(0)
-        return tokens, weights
+        return tokens.unflatten(1, (h, w))
+
+    def prior(self, height: int, width: int, like: Tensor) -> Tensor | None:
+        """The spatial-constraint weights of a ``height`` x ``width`` grid, [1, H*W] (None
+        without ``constraint``), on ``like``'s device and dtype."""
+        if self.constraint is None:
+            return None
+        boxes = grid_boxes(height, width, device=like.device, dtype=like.dtype)
+        return torch.sigmoid(self.constraint(boxes)).squeeze(-1).unsqueeze(0)
 
 
 @dataclass
@@ -279,8 +315,10 @@ class GridAndWords(nn.Module):
     """The common start of the single-stage blocks: the last visual stage as positioned grid
     tokens and the words projected to the same width.
 
-    Padding is zeroed before the projection so junk in padded positions (even inf/nan) stays
-    out of every product and gradient downstream.
+    ``grid`` (per image) and ``words`` (per question) are separate so a block can project each
+    image once however many questions ask about it (``FusionBlock.prepare_visual``). Padding is
+    zeroed before the projection so junk in padded positions (even inf/nan) stays out of every
+    product and gradient downstream.
     """
 
     def __init__(
@@ -291,18 +329,83 @@ class GridAndWords(nn.Module):
         positional: bool = True,
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
+        grid_stride: int = 1,
     ) -> None:
         super().__init__()
-        self.grid = SpatialGrid(visual_channels[-1], dim, positional, spatial_constraint, grid_norm)
+        self.grid = SpatialGrid(
+            visual_channels[-1], dim, positional, spatial_constraint, grid_norm, grid_stride
+        )
         self.text_proj = nn.Linear(text_dim, dim)
 
-    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> GridWords:
-        feature_map = visual[-1]
+    def cells(self, visual: list[Tensor]) -> Tensor:
+        """The grid tokens of each image, [B, H, W, D] (the grid's shape kept for the maps)."""
+        return self.grid.cells(visual[-1])
+
+    def words(self, cells: Tensor, text: Tensor, text_mask: Tensor) -> GridWords:
+        """``cells`` [B, H, W, D] (one row per question) and the projected words."""
         mask = text_mask.bool()
-        cells, constraint = self.grid(feature_map)
         words = self.text_proj(text.masked_fill(~mask.unsqueeze(-1), 0.0))
-        height, width = feature_map.shape[-2:]
-        return GridWords(cells, words, mask, constraint, height, width)
+        height, width = cells.shape[1:3]
+        prior = self.grid.prior(height, width, cells)
+        return GridWords(cells.flatten(1, 2), words, mask, prior, height, width)
+
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> GridWords:
+        return self.words(self.cells(visual), text, text_mask)
+
+
+class ConditionedCells(nn.Module):
+    """Every grid cell transformed by the question before any pooling (FiLM's idea, Perez et
+    al., AAAI 2018): an MLP over ``[cell, q, cell * q]``, q being the mean of the real question
+    tokens, projected to the cells' width and (``question_norm="batch"``) batch-normalised.
+
+    Softmax attention over raw cells can only mix cells whose projection already tells the
+    asked-about objects apart; a conditioned cell first asks "is this a red triangle?" of its
+    own features, non-linearly, and every cell receives gradient whatever the attention picks.
+    Centring q across the batch matters for a text encoder trained from scratch, whose mean
+    tokens are nearly one shared vector: without it ``cell * q`` hardly depends on the question.
+    The output is non-negative (ReLU), so its sum over cells is an unnormalised read-out that
+    keeps counts.
+
+    The MLP's first layer is linear in its three inputs, so the cell's share of it
+    (``cell_term``) is computed once per image and only ``q`` and ``cell * q`` per question.
+    """
+
+    def __init__(
+        self, cell_dim: int, question_dim: int, hidden_dim: int, question_norm: str = "batch"
+    ) -> None:
+        super().__init__()
+        if question_norm not in QUESTION_NORMS:
+            raise ValueError(f"question_norm={question_norm!r} must be one of {QUESTION_NORMS}")
+        self.question = nn.Linear(question_dim, cell_dim)
+        self.norm = SafeBatchNorm1d(cell_dim) if question_norm == "batch" else nn.Identity()
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * cell_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+        )
+
+    def cell_term(self, cells: Tensor) -> Tensor:
+        """The cells' share of the first layer, [..., cell_dim] -> [..., hidden_dim]."""
+        return cells @ self._first_layer_weights()[0].T
+
+    def pooled_question(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """q [B, cell_dim] from the question tokens [B, N, question_dim] (padding zeroed)."""
+        return self.norm(self.question(masked_mean(tokens, mask)))
+
+    def forward(self, cells: Tensor, cell_term: Tensor, question: Tensor) -> Tensor:
+        """cells [B, M, cell_dim] with their ``cell_term`` [B, M, hidden], q [B, cell_dim] ->
+        conditioned cells [B, M, hidden_dim]."""
+        _, w_question, w_product = self._first_layer_weights()
+        question_term = question @ w_question.T + self.mlp[0].bias
+        hidden = (
+            cell_term + question_term.unsqueeze(1) + (cells * question.unsqueeze(1)) @ w_product.T
+        )
+        return self.mlp[1:](hidden)
+
+    def _first_layer_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The first layer's weight split by input: cell, question, cell * question."""
+        return self.mlp[0].weight.split(self.mlp[0].in_features // 3, dim=1)
 
 
 class CoAttended(NamedTuple):
@@ -326,6 +429,18 @@ class SingleStageFusion(FusionBlock):
     the blocks always used (a seed gives the same initial weights). A block that combines its
     inputs another way (hierarchical, early) passes no ``attention``, gets no ``out_proj`` and
     writes its own ``forward``; ``attention_dropout=None``: no dropout on the attention.
+
+    Options every co-attention block shares (off by default):
+
+    * ``grid_stride`` s > 1: the grid is the stage map read in s x s patches by a trained conv
+      (``SpatialGrid``), so a finer cached map keeps the grid, and the attention's cost, small;
+    * ``cell_conditioning``: the cells pass through ``ConditionedCells`` (the question asks
+      every cell first) before the co-attention reads them;
+    * ``count``: the conditioned cells' scaled sum is appended to the output, an unnormalised
+      read-out that softmax pooling cannot give ("how many"); needs ``cell_conditioning``.
+
+    With ``attention``, the grid is projected once per distinct image (``prepare_visual``),
+    not once per question.
     """
 
     def __init__(
@@ -341,8 +456,16 @@ class SingleStageFusion(FusionBlock):
         positional: bool = True,
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
+        grid_stride: int = 1,
+        cell_conditioning: bool = False,
+        count: bool = False,
+        question_norm: str = "batch",
     ) -> None:
         super().__init__(visual_channels, text_dim)
+        if count and not cell_conditioning:
+            raise ValueError(
+                "count reads the question-conditioned cells: it needs cell_conditioning=true"
+            )
         self.top_k = top_k
         self.residual = residual
         self.out_dim = hidden_dim
@@ -353,21 +476,55 @@ class SingleStageFusion(FusionBlock):
             positional,
             spatial_constraint,
             grid_norm,
+            grid_stride,
         )
+        self.attention = None
         if attention is not None:
             self.attention = attention()
             self.out_proj = nn.Linear(3 * hidden_dim, hidden_dim)
         self.dropout = None if attention_dropout is None else nn.Dropout(attention_dropout)
-
-    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        x = self.inputs(visual, text, text_mask)
-        out: CoAttended = self.attention(
-            x.cells, x.words, x.mask, x.constraint, self.top_k, self.dropout, self.residual
+        # Created last, so the default blocks draw their initial weights as before.
+        self.conditioning = (
+            ConditionedCells(hidden_dim, hidden_dim, hidden_dim, question_norm)
+            if cell_conditioning
+            else None
         )
+        self.count = count
+        if count:
+            self.out_dim += hidden_dim
+
+    def prepare_visual(self, visual: list[Tensor]) -> list[Tensor]:
+        """Per distinct image: the grid tokens [U, H, W, D] and, with ``cell_conditioning``, their
+        share of its first layer (blocks with their own ``forward``: the stage maps as they
+        are)."""
+        if self.attention is None:
+            return visual
+        cells = self.inputs.cells(visual)
+        if self.conditioning is None:
+            return [cells]
+        return [cells, self.conditioning.cell_term(cells)]
+
+    def fuse(self, prepared: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        if self.attention is None:
+            return self(prepared, text, text_mask)
+        x = self.inputs.words(prepared[0], text, text_mask)
+        cells = x.cells
+        if self.conditioning is not None:
+            question = self.conditioning.pooled_question(x.words, x.mask)
+            cells = self.conditioning(cells, prepared[1].flatten(1, 2), question)
+        out: CoAttended = self.attention(
+            cells, x.words, x.mask, x.constraint, self.top_k, self.dropout, self.residual
+        )
+        features = self.out_proj(joint(out.image, out.question))
+        if self.count:
+            features = torch.cat([features, cells.sum(dim=1) * SUM_SCALE], dim=-1)
         return FusionOutput(
-            features=self.out_proj(joint(out.image, out.question)),
+            features=features,
             attention={
                 "image": out.image_att.unflatten(-1, (x.height, x.width)),
                 "question": out.question_att,
             },
         )
+
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        return self.fuse(self.prepare_visual(visual), text, text_mask)

@@ -31,20 +31,30 @@ batch of one question (``vqa.models.norms``): the train loader keeps its last pa
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from vqa.models.fusion.base import FusionBlock, FusionOutput, grid_boxes, masked_mean
-from vqa.models.norms import SafeBatchNorm1d, SafeBatchNorm2d
-
-# Scale of the summed read-out: keeps it O(1..10) on the grids in use (49 to 784 cells) without
-# dividing by the number of cells, which would make a count depend on the grid size.
-SUM_SCALE = 1.0 / 8.0
-QUESTION_NORMS = ("batch", "none")
+from vqa.models.fusion.base import (
+    SUM_SCALE,
+    ConditionedCells,
+    FusionBlock,
+    FusionOutput,
+    grid_boxes,
+)
+from vqa.models.norms import SafeBatchNorm2d
 
 
 class FiLMFusion(FusionBlock):
     """Question-conditioned cells -> [scaled sum, question, optional attention glimpses]."""
+
+    # Before the conditioning had one home (``ConditionedCells``), its layers sat on the block.
+    LEGACY_KEYS: ClassVar[dict[str, str]] = {
+        "text_proj.": "conditioning.question.",
+        "question_norm.": "conditioning.norm.",
+        "cell_mlp.": "conditioning.mlp.",
+    }
 
     def __init__(
         self,
@@ -63,18 +73,12 @@ class FiLMFusion(FusionBlock):
             raise ValueError(
                 f"hidden_dim must be even (cells are hidden_dim/2 wide), got {hidden_dim}"
             )
-        if question_norm not in QUESTION_NORMS:
-            raise ValueError(f"question_norm={question_norm!r} must be one of {QUESTION_NORMS}")
         dim = hidden_dim // 2
         self.cell_proj = nn.Sequential(
             nn.Conv2d(self.visual_channels[-1], dim, 1), SafeBatchNorm2d(dim), nn.ReLU()
         )
         self.position = nn.Linear(4, dim) if positional else None
-        self.text_proj = nn.Linear(self.text_dim, dim)
-        self.question_norm = SafeBatchNorm1d(dim) if question_norm == "batch" else nn.Identity()
-        self.cell_mlp = nn.Sequential(
-            nn.Linear(3 * dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()
-        )
+        self.conditioning = ConditionedCells(dim, self.text_dim, hidden_dim, question_norm)
         # No bias: a shift of the scores is lost in the softmax over cells.
         self.glimpse_score = nn.Linear(hidden_dim, glimpses, bias=False) if glimpses else None
         self.dropout = nn.Dropout(attention_dropout)
@@ -93,7 +97,7 @@ class FiLMFusion(FusionBlock):
         if self.position is not None:
             boxes = grid_boxes(height, width, device=cells.device, dtype=cells.dtype)
             cells = cells + self.position(boxes).view(height, width, -1)
-        return [cells, cells @ self._first_layer_weights()[0].T]
+        return [cells, self.conditioning.cell_term(cells)]
 
     def fuse(self, prepared: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         cells, cell_term = prepared
@@ -101,16 +105,10 @@ class FiLMFusion(FusionBlock):
         cells, cell_term = cells.flatten(1, 2), cell_term.flatten(1, 2)  # [B, M, D], [B, M, H]
         mask = text_mask.bool()
         # Zeroing padding keeps junk (even inf/nan) out of the mean.
-        question = self.question_norm(
-            self.text_proj(masked_mean(text.masked_fill(~mask.unsqueeze(-1), 0.0), mask))
+        question = self.conditioning.pooled_question(
+            text.masked_fill(~mask.unsqueeze(-1), 0.0), mask
         )
-        _, w_question, w_product = self._first_layer_weights()
-        first = self.cell_mlp[0]
-        question_term = question @ w_question.T + first.bias  # [B, H]
-        hidden = (
-            cell_term + question_term.unsqueeze(1) + (cells * question.unsqueeze(1)) @ w_product.T
-        )
-        conditioned = self.cell_mlp[1:](hidden)  # [B, M, H]
+        conditioned = self.conditioning(cells, cell_term, question)  # [B, M, H]
 
         parts = [conditioned.sum(dim=1) * SUM_SCALE, question]
         if self.glimpse_score is None:
@@ -129,7 +127,3 @@ class FiLMFusion(FusionBlock):
                 "question": real / real.sum(dim=1, keepdim=True).clamp_min(1.0),
             },
         )
-
-    def _first_layer_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The first MLP layer's weight split by input: cell, question, cell * question."""
-        return self.cell_mlp[0].weight.split(self.cell_mlp[0].in_features // 3, dim=1)

@@ -43,6 +43,10 @@ class MultiheadCoAttention(SingleStageFusion):
         positional: bool = True,
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
+        grid_stride: int = 1,
+        cell_conditioning: bool = False,
+        count: bool = False,
+        question_norm: str = "batch",
     ) -> None:
         super().__init__(
             visual_channels,
@@ -55,4 +59,8 @@ class MultiheadCoAttention(SingleStageFusion):
             positional=positional,
             spatial_constraint=spatial_constraint,
             grid_norm=grid_norm,
+            grid_stride=grid_stride,
+            cell_conditioning=cell_conditioning,
+            count=count,
+            question_norm=question_norm,
         )

@@ -55,6 +55,10 @@ class ParallelCoAttention(SingleStageFusion):
         positional: bool = True,
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
+        grid_stride: int = 1,
+        cell_conditioning: bool = False,
+        count: bool = False,
+        question_norm: str = "batch",
     ) -> None:
         super().__init__(
             visual_channels,
@@ -67,4 +71,8 @@ class ParallelCoAttention(SingleStageFusion):
             positional=positional,
             spatial_constraint=spatial_constraint,
             grid_norm=grid_norm,
+            grid_stride=grid_stride,
+            cell_conditioning=cell_conditioning,
+            count=count,
+            question_norm=question_norm,
         )

@@ -1,0 +1,131 @@
+"""The options the co-attention blocks share: ``grid_stride``, ``cell_conditioning`` and
+``count`` (``SingleStageFusion``). The generic contract with these options on is checked in
+test_fusion_contract.py; this file checks what each option promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from vqa.models.fusion.alternating import AlternatingCoAttention
+from vqa.models.fusion.base import SUM_SCALE, SingleStageFusion
+from vqa.models.fusion.multihead import MultiheadCoAttention
+from vqa.models.fusion.parallel import ParallelCoAttention
+
+CHANNELS = [12]
+TEXT_DIM = 16
+HIDDEN = 16
+BLOCKS = {
+    "parallel": ParallelCoAttention,
+    "alternating": AlternatingCoAttention,
+    "multihead": lambda *a, **k: MultiheadCoAttention(*a, num_heads=4, **k),
+}
+
+
+def build(kind: str, seed: int = 0, **options) -> SingleStageFusion:
+    torch.manual_seed(seed)
+    options.setdefault("attention_dropout", 0.0)
+    return BLOCKS[kind](CHANNELS, TEXT_DIM, hidden_dim=HIDDEN, **options).eval()
+
+
+def questions(batch: int, length: int = 5) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(batch, length, TEXT_DIM, generator=g)
+    mask = torch.arange(length) < torch.randint(1, length + 1, (batch, 1), generator=g)
+    return text, mask
+
+
+def images(count: int, height: int = 8, width: int = 8) -> list[Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return [torch.randn(count, CHANNELS[0], height, width, generator=g)]
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_grid_stride_reads_patches_into_a_coarser_grid(kind: str, stride: int) -> None:
+    block = build(kind, grid_stride=stride)
+    text, mask = questions(2)
+    out = block(images(2), text, mask)
+    assert out.attention["image"].shape == (2, 8 // stride, 8 // stride)
+    if stride > 1:
+        # A change inside one patch moves only that cell's token.
+        visual = images(2)
+        tokens = block.inputs.cells(visual)
+        visual[0][0, :, :stride, :stride] += 5.0
+        moved = (block.inputs.cells(visual) - tokens).abs().amax(-1) > 1e-6
+        assert moved[0, 0, 0] and moved.sum() == 1
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"cell_conditioning": True, "count": True}, {"grid_stride": 2, "cell_conditioning": True}],
+)
+def test_prepared_once_per_image_equals_per_question(kind: str, options: dict) -> None:
+    """VQAModel prepares each distinct image once and repeats it per question: the result must
+    be what the block computes from the image repeated per question."""
+    block = build(kind, **options)
+    visual = images(3)
+    index = torch.tensor([0, 0, 2, 1, 2, 2])
+    text, mask = questions(len(index))
+    prepared = [part.index_select(0, index) for part in block.prepare_visual(visual)]
+    grouped = block.fuse(prepared, text, mask)
+    repeated = block([stage.index_select(0, index) for stage in visual], text, mask)
+    torch.testing.assert_close(grouped.features, repeated.features, rtol=0, atol=1e-5)
+    for key, att in repeated.attention.items():
+        torch.testing.assert_close(grouped.attention[key], att, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_count_is_unnormalised_and_attention_is_not(kind: str) -> None:
+    """Without box embeddings, the same map tiled twice side by side holds every object twice:
+    the count read-out doubles exactly, the softmax-pooled part does not move."""
+    block = build(kind, cell_conditioning=True, count=True, positional=False, residual=False)
+    visual = images(2)
+    tiled = [torch.cat([visual[0], visual[0]], dim=-1)]
+    text, mask = questions(2)
+    once, twice = block(visual, text, mask).features, block(tiled, text, mask).features
+    attended, counted = once.split(HIDDEN, dim=-1), twice.split(HIDDEN, dim=-1)
+    torch.testing.assert_close(counted[1], 2 * attended[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(counted[0], attended[0], rtol=1e-4, atol=1e-5)
+    assert block.out_dim == 2 * HIDDEN
+    # The read-out is the conditioned cells' scaled sum: non-negative, zero only if all are.
+    assert (counted[1] >= 0).all() and counted[1].abs().sum() > 0
+    assert SUM_SCALE < 1
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_conditioned_cells_depend_on_the_question(kind: str) -> None:
+    """With conditioning the cells the attention reads change with the question (centred
+    across the batch in train mode); without, they are the image's alone."""
+    visual = images(1)
+    text, mask = questions(4)
+    for conditioned in (False, True):
+        block = build(kind, cell_conditioning=conditioned).train()
+        prepared = [part.expand(4, *part.shape[1:]) for part in block.prepare_visual(visual)]
+        x = block.inputs.words(prepared[0], text, mask)
+        cells = x.cells
+        if conditioned:
+            question = block.conditioning.pooled_question(x.words, x.mask)
+            cells = block.conditioning(cells, prepared[1].flatten(1, 2), question)
+        spread = (cells - cells[:1]).abs().amax()
+        assert (spread > 1e-3) == conditioned
+
+
+def test_count_needs_conditioning() -> None:
+    with pytest.raises(ValueError, match="cell_conditioning"):
+        build("parallel", count=True)
+
+
+@pytest.mark.parametrize("stride", [0, -1])
+def test_grid_stride_must_be_positive(stride: int) -> None:
+    with pytest.raises(ValueError, match="grid_stride"):
+        build("parallel", grid_stride=stride)
+
+
+def test_default_options_leave_the_parameters_unchanged() -> None:
+    """Off, the options add no parameter: a default block's state dict keeps its keys."""
+    keys = set(build("parallel").state_dict())
+    assert not any(k.startswith("conditioning.") for k in keys)
+    assert "inputs.grid.proj.weight" in keys
