@@ -156,6 +156,32 @@ def test_default_composition_is_the_quickstart(tmp_path: Path) -> None:
     assert resolved(extract, "task_name", "extract") == resolved(quickstart, "task_name")
 
 
+def test_coattention_quickstart_is_the_measured_command(tmp_path: Path) -> None:
+    """`experiment=quickstart_coattention` composes exactly the command the README measured,
+    and its block reads layer1's 128 px map into the quick-start's 16 x 16 grid."""
+    preset = compose_config("train", ["experiment=quickstart_coattention"], tmp_path)
+    command = compose_config(
+        "train",
+        [
+            "data.image_size=128",
+            "fusion=parallel",
+            "fusion.grid_stride=2",
+            "fusion.cell_conditioning=true",
+            "fusion.count=true",
+            "trainer.max_epochs=14",
+        ],
+        tmp_path,
+    )
+    assert resolved(preset, "task_name", "tags", "paths") == resolved(
+        command, "task_name", "tags", "paths"
+    )
+    block = instantiate(preset.fusion)(visual_channels=[256], text_dim=32).eval()
+    text, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    out = block([torch.randn(2, 256, 32, 32)], text, mask)
+    assert out.attention["image"].shape == (2, 16, 16)
+    assert block.out_dim == 2 * preset.fusion.hidden_dim  # the count read-out is appended
+
+
 def test_a_fusion_without_experiment_is_the_quickstart_with_that_block(tmp_path: Path) -> None:
     """`python train.py fusion=parallel`: the quick-start's data, features, encoders, head and
     schedule, and its fusion keys (hidden_dim) on the parallel block."""
