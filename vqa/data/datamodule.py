@@ -38,6 +38,7 @@ from vqa.data.features import (
     FeatureStore,
     FeatureStoreError,
     VisualEncoderDescription,
+    require_frozen,
     split_images,
 )
 from vqa.data.images import build_transform
@@ -378,12 +379,7 @@ class VQADataModule(pl.LightningDataModule):
         encoder = self.visual_encoder
         if encoder is None:
             return
-        if not encoder.frozen:
-            trainable = encoder.trainable
-            raise FeatureStoreError(
-                "data.features=cached needs a frozen visual encoder (model.visual.freeze=all): "
-                f"{len(trainable)} of its parameters are trainable (e.g. {trainable[0]})"
-            )
+        require_frozen(encoder)
         for split in splits:
             self.feature_stores[split].check_encoder(encoder)
 
