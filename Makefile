@@ -44,7 +44,7 @@ demo: $(STAMP) ## Interactive demo page for a checkpoint: make demo CKPT=path/to
 	$(PYTHON) -m vqa.cli.demo ckpt_path=$(CKPT) $(ARGS)
 
 sweep: $(STAMP) ## Small fusion comparison on the synthetic set (Hydra multirun)
-	$(PYTHON) train.py -m experiment=sweep_fusions $(ARGS)
+	$(PYTHON) train.py -m hparams_search=fusions $(ARGS)
 	$(PYTHON) scripts/summarize_sweep.py logs/sweep_fusions/multiruns
 
 test: $(STAMP) ## Fast test suite (what CI runs)

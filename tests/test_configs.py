@@ -25,6 +25,7 @@ GROUPS = [
     "model/visual",
     "model/text",
     "fusion",
+    "combiner",
     "head",
     "optimizer",
     "scheduler",
@@ -99,6 +100,9 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
     if group == "fusion":
         block = instantiate(cfg.fusion)(visual_channels=[64, 128], text_dim=32)
         assert block.out_dim > 0
+    if group == "combiner":
+        combiner = instantiate(cfg.combiner)(in_features=48, num_streams=2)
+        assert combiner(torch.randn(3, 2, 48)).shape == (3, combiner.out_dim)
     if group in ("optimizer", "scheduler"):
         optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(3))])
         scheduler = instantiate(cfg.scheduler)(optimizer, 10)
@@ -156,42 +160,56 @@ def test_default_composition_is_the_quickstart(tmp_path: Path) -> None:
     assert resolved(extract, "task_name", "extract") == resolved(quickstart, "task_name")
 
 
-def test_coattention_quickstart_is_the_measured_command(tmp_path: Path) -> None:
-    """`experiment=quickstart_coattention` composes exactly the command the README measured,
-    and its block reads layer1's 128 px map into the quick-start's 16 x 16 grid."""
-    preset = compose_config("train", ["experiment=quickstart_coattention"], tmp_path)
+def test_quickstart_reads_layer1_at_128px_in_patches(tmp_path: Path) -> None:
+    """The quick-start is film over layer1's 128 px map read in 2 x 2 patches: the command the
+    README measured, and its block sees a 16 x 16 grid."""
+    quickstart = compose_config("train", [], tmp_path)
     command = compose_config(
         "train",
-        [
-            "data.image_size=128",
-            "fusion=parallel",
-            "fusion.grid_stride=2",
-            "fusion.cell_conditioning=true",
-            "fusion.count=true",
-            "trainer.max_epochs=14",
-        ],
+        ["data.image_size=128", "fusion=film", "fusion.grid_stride=2", "trainer.max_epochs=14"],
         tmp_path,
     )
-    assert resolved(preset, "task_name", "tags", "paths") == resolved(
-        command, "task_name", "tags", "paths"
-    )
-    block = instantiate(preset.fusion)(visual_channels=[256], text_dim=32).eval()
+    assert resolved(quickstart) == resolved(command)
+    block = instantiate(quickstart.fusion)(visual_channels=[256], text_dim=32).eval()
     text, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
     out = block([torch.randn(2, 256, 32, 32)], text, mask)
     assert out.attention["image"].shape == (2, 16, 16)
-    assert block.out_dim == 2 * preset.fusion.hidden_dim  # the count read-out is appended
+
+
+@pytest.mark.parametrize("fusion", sorted(p.stem for p in (CONFIG_DIR / "fusion").glob("*.yaml")))
+def test_every_block_runs_on_the_quickstart_with_its_preset(tmp_path: Path, fusion: str) -> None:
+    """`python train.py fusion=<block>`: each block composes on the quick-start's 128 px layer1
+    map with its preset from fusion_preset/ (if any) and no other experiment's."""
+    cfg = compose_config("train", [f"fusion={fusion}"], tmp_path)
+    preset = CONFIG_DIR / "fusion_preset" / f"quickstart_{fusion}.yaml"
+    for key, value in (OmegaConf.load(preset) if preset.exists() else {}).items():
+        assert cfg.fusion[key] == value
+    block = instantiate(cfg.fusion)(visual_channels=[256], text_dim=32).eval()
+    text, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    out = block([torch.randn(2, 256, 32, 32)], text, mask)
+    assert out.features.shape == (2, block.out_dim)
+    grid = (16, 16) if cfg.fusion.get("grid_stride", 1) == 2 else (32, 32)
+    image_maps = [m for key, m in out.attention.items() if key.startswith("image")]
+    assert image_maps and all(m.shape[-2:] == grid for m in image_maps)
+    # the presets are the quick-start's: the VQA v2 recipe keeps the block's own defaults
+    vqav2 = compose_config(
+        "train", ["experiment=vqav2_resnet101_bert", f"fusion={fusion}", "data.root=."], tmp_path
+    )
+    assert vqav2.fusion.get("grid_stride", 1) == 1
 
 
 def test_a_fusion_without_experiment_is_the_quickstart_with_that_block(tmp_path: Path) -> None:
     """`python train.py fusion=parallel`: the quick-start's data, features, encoders, head and
-    schedule, and its fusion keys (hidden_dim) on the parallel block."""
+    schedule, and its fusion keys (hidden_dim, the block's preset) on the parallel block."""
     parallel = compose_config("train", ["fusion=parallel"], tmp_path)
     explicit = compose_config("train", ["experiment=quickstart", "fusion=parallel"], tmp_path)
     quickstart = compose_config("train", ["experiment=quickstart"], tmp_path)
     assert resolved(parallel) == resolved(explicit)
     assert parallel.fusion._target_.endswith("ParallelCoAttention")
-    assert quickstart.hydra.runtime.choices.fusion != "parallel"
+    assert quickstart.hydra.runtime.choices.fusion == "film"
     assert parallel.fusion.hidden_dim == quickstart.fusion.hidden_dim == 128  # not parallel.yaml's
+    assert parallel.fusion.grid_stride == 2
+    assert parallel.fusion.cell_conditioning and parallel.fusion.count
     same = resolved(parallel, "fusion", "model")
     assert same == resolved(quickstart, "fusion", "model")
     assert parallel.model.visual == quickstart.model.visual

@@ -10,6 +10,9 @@ from torch import Tensor
 
 from vqa.models.fusion.alternating import AlternatingCoAttention
 from vqa.models.fusion.base import SUM_SCALE, SingleStageFusion
+from vqa.models.fusion.early import EarlyFusion
+from vqa.models.fusion.film import FiLMFusion
+from vqa.models.fusion.hierarchical import HierarchicalCoAttention
 from vqa.models.fusion.multihead import MultiheadCoAttention
 from vqa.models.fusion.parallel import ParallelCoAttention
 
@@ -55,6 +58,33 @@ def test_grid_stride_reads_patches_into_a_coarser_grid(kind: str, stride: int) -
         visual[0][0, :, :stride, :stride] += 5.0
         moved = (block.inputs.cells(visual) - tokens).abs().amax(-1) > 1e-6
         assert moved[0, 0, 0] and moved.sum() == 1
+
+
+# The other blocks that read the last stage as a grid take ``grid_stride`` too (the quick-start
+# presets set it for every block that has it).
+OTHER_GRID_BLOCKS = {
+    "film": FiLMFusion,
+    "hierarchical": HierarchicalCoAttention,
+    "early": EarlyFusion,
+}
+
+
+@pytest.mark.parametrize("kind", OTHER_GRID_BLOCKS)
+def test_other_blocks_read_patches_with_grid_stride(kind: str) -> None:
+    torch.manual_seed(0)
+    block = OTHER_GRID_BLOCKS[kind](CHANNELS, TEXT_DIM, hidden_dim=HIDDEN, grid_stride=2).eval()
+    text, mask = questions(2)
+    out = block(images(2), text, mask)
+    assert all(m.shape == (2, 4, 4) for key, m in out.attention.items() if key.startswith("image"))
+
+    def cells(visual: list[Tensor]) -> Tensor:
+        return block.prepare_visual(visual)[0] if kind == "film" else block.inputs.cells(visual)
+
+    visual = images(2)
+    before = cells(visual)
+    visual[0][0, :, :2, :2] += 5.0
+    moved = (cells(visual) - before).abs().amax(-1) > 1e-6
+    assert moved.shape == (2, 4, 4) and moved[0, 0, 0] and moved.sum() == 1
 
 
 @pytest.mark.parametrize("kind", BLOCKS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.shapes_breakdown import main
+from scripts.shapes_breakdown import main, prior_guesses
 from vqa.data.layout import split_layout
 from vqa.data.shapes import ShapesConfig, family_of, generate
 from vqa.official_scorer import evaluate_results
@@ -60,3 +60,17 @@ def test_scores_split_by_family(root: Path, tmp_path: Path) -> None:
 def test_folder_needs_exactly_one_results_file(root: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="exactly one"):
         main([str(tmp_path), "--root", str(root)])
+
+
+def test_priors_on_the_default_set_are_the_two_blind_floors(root: Path) -> None:
+    _, _, *rows = main(["--priors", "--root", str(root)]).splitlines()
+    assert [r.split("|")[1].strip() for r in rows] == ["question-only prior", "image-only prior"]
+    guesses = prior_guesses(root, "val2014")
+    assert list(guesses) == ["question-only prior", "image-only prior"]  # no variant's ceilings
+    questions = json.loads(split_layout(root, "val2014").questions.read_text())["questions"]
+    assert len({guesses["image-only prior"](q) for q in questions}) == 1
+    by_text: dict[str, set[str]] = {}
+    for q in questions:  # blind to the image: one answer per question text
+        by_text.setdefault(q["question"], set()).add(guesses["question-only prior"](q))
+    assert all(len(answers) == 1 for answers in by_text.values())
+    assert len(set().union(*by_text.values())) > 1

@@ -154,14 +154,16 @@ def test_summary_tabulates_the_test_accuracy_per_family(tmp_path: Path) -> None:
 def test_fusion_multirun_makes_a_summary_table(
     tmp_path: Path, shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What `make sweep` runs (experiment=sweep_fusions: its first job writes the quick-start's
-    feature store, the second finds it complete), on two fusions and one seed."""
+    """What `make sweep` runs (the quick-start with hparams_search=fusions, each block with its
+    quick-start preset; the first job writes the quick-start's feature store, the second finds
+    it complete), on two fusions and one seed."""
     features = tmp_path / "features"
     sweep = run_train_cli(
         monkeypatch,
         tmp_path,
         shared_data_dir,
-        "experiment=sweep_fusions",
+        "experiment=quickstart",
+        "hparams_search=fusions",
         "fusion=parallel,late",
         "seed=1",
         f"data.feature_dir={features}",
@@ -174,6 +176,7 @@ def test_fusion_multirun_makes_a_summary_table(
         "ParallelCoAttention",
         "LateFusion",
     ]
+    assert resolved[0].fusion.grid_stride == 2 and resolved[0].fusion.count  # parallel's preset
     assert {c.task_name for c in resolved} == {"sweep_fusions"}
 
     summarize(sweep)

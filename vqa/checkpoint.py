@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import pickle
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,15 @@ from transformers import PreTrainedTokenizerFast
 from vqa.data.answers import AnswerVocab
 from vqa.data.artifacts import artifacts_from_dict
 from vqa.models.fusion.base import upgrade_legacy_keys
-from vqa.models.vqa_model import VQAModel
+from vqa.models.vqa_model import VQAModel, data_model_args
 
 REQUIRED_HPARAMS = ("run_config", "answer_vocab", "data_artifacts")
 NET_PREFIX = "net."  # the LightningModule holds the VQAModel as `net`
 MODEL_TARGET_PREFIX = "vqa.models."
 DATA_TARGET_PREFIX = "vqa.data."
 MAX_KEYS_SHOWN = 4
+# Key prefixes that only a model with visual streams or conditioning fields has.
+STREAM_AND_CONDITIONING_KEYS = ("conditioning.", "fusion.blocks.", "fusion.combiner.", "visual.0.")
 # Data config keys of older checkpoints that the datamodule no longer takes: the tokenizer was
 # named there, and is now chosen by the text encoder's config (and travels in the checkpoint).
 RETIRED_DATA_KEYS = ("tokenizer_name",)
@@ -83,6 +85,21 @@ class TrainedModel:
     @property
     def fusion_name(self) -> str:
         return self.run_config["model"]["fusion"]["_target_"].rsplit(".", 1)[-1]
+
+    @property
+    def streams(self) -> list[str] | None:
+        """The visual streams' names the model reads, in order (None: one image per
+        question)."""
+        streams = self.hparams.get("streams")
+        return None if streams is None else list(streams)
+
+    @property
+    def conditioning_vocab(self) -> dict[str, list[str]] | None:
+        """Per conditioning field, its known values in index order (value i is index i + 1,
+        0 the unknown): what a datamodule maps labels with (``use_conditioning_vocab``). None:
+        no conditioning fields."""
+        vocab = self.hparams.get("conditioning_vocab")
+        return None if vocab is None else {f: list(values) for f, values in vocab.items()}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -152,12 +169,18 @@ def build_model(
     num_answers: int,
     vocab_size: int | None,
     where: str = "model config",
+    *,
+    streams: Sequence[str] | None = None,
+    conditioning: Mapping[str, int] | None = None,
 ) -> VQAModel:
     """Instantiate the architecture of ``model_config`` with random weights.
 
     Pretrained weights (ImageNet ResNet, hub BERT) are switched off: the checkpoint's weights
     replace them anyway, so downloading them would only cost time and need a network. A hub
     BERT's *config* is still read (from the local cache first) to know its architecture.
+    ``streams`` and ``conditioning`` are the training run's, which its datamodule filled in
+    (:func:`recorded_model_args` reads them from a checkpoint's hyper-parameters); None: not
+    used.
     """
     check_targets(model_config, MODEL_TARGET_PREFIX, where)
     cfg = OmegaConf.create(copy.deepcopy(dict(model_config)))
@@ -167,10 +190,35 @@ def build_model(
     with warnings.catch_warnings():
         # ResNetEncoder warns about frozen BN with random weights; ours arrive right after.
         warnings.filterwarnings("ignore", message="bn='frozen' with random weights")
-        model = instantiate(cfg, num_answers=num_answers, vocab_size=vocab_size)
+        recorded = {"streams": streams, "conditioning": conditioning}
+        model = instantiate(
+            cfg,
+            num_answers=num_answers,
+            vocab_size=vocab_size,
+            **{key: value for key, value in recorded.items() if value is not None},
+        )
     if not isinstance(model, VQAModel):
         raise CheckpointError(f"{where} builds a {type(model).__name__}, not a VQAModel")
     return model
+
+
+def recorded_model_args(hparams: Mapping[str, Any], where: str = "checkpoint") -> dict[str, Any]:
+    """The ``VQAModel`` arguments a training run took from its datamodule, as its lit module
+    recorded them (``streams``, ``conditioning_vocab``), for :func:`build_model`: ``streams``
+    and ``conditioning`` (values per field). Empty for a checkpoint without them (one image
+    per question, no conditioning), which then builds as it always did."""
+    streams = hparams.get("streams")
+    if streams is not None and (
+        not isinstance(streams, list | tuple) or not all(isinstance(s, str) for s in streams)
+    ):
+        raise CheckpointError(f"{where}: streams must be a list of names, got {streams!r}")
+    vocab = hparams.get("conditioning_vocab")
+    if vocab is not None and (
+        not isinstance(vocab, Mapping)
+        or not all(isinstance(values, list | tuple) for values in vocab.values())
+    ):
+        raise CheckpointError(f"{where}: conditioning_vocab must map each field to its values")
+    return data_model_args(streams, vocab)
 
 
 def load_weights(model: VQAModel, state: Mapping[str, Tensor], where: str) -> None:
@@ -197,6 +245,12 @@ def load_weights(model: VQAModel, state: Mapping[str, Tensor], where: str) -> No
         hints.append(
             f"the answer head has {head_out} outputs but the answer vocabulary has "
             f"{num_answers} answers (weights and vocabulary come from different runs)"
+        )
+    if any(k.startswith(STREAM_AND_CONDITIONING_KEYS) for k in (*missing, *unexpected)):
+        hints.append(
+            "the weights were trained with other visual streams, visual_streams or conditioning "
+            "fields than the model was built with (the checkpoint records its streams and "
+            "conditioning_vocab in its hyper-parameters)"
         )
     if any(k.startswith("fusion.") for k in (*missing, *unexpected)):
         hints.append(
@@ -275,6 +329,7 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
         num_answers=len(vocab),
         vocab_size=text_vocab_size(state) or len(tokenizer),
         where=f"{path}: model config",
+        **recorded_model_args(hparams, str(path)),
     )
     load_weights(model, state, str(path))
     model.eval()

@@ -14,6 +14,9 @@ Bad input (no image, a file that is not an image, an empty or too long question,
 that does not load) becomes a message in the page's status line: only the expected exception
 types are caught (:class:`~vqa.inference.InputError`, :class:`~vqa.checkpoint.CheckpointError`,
 ``OSError``); anything else is a bug, raised so that Gradio logs it with its traceback.
+
+The page asks about one image: a checkpoint of several images per question (``data.streams``)
+is refused (:func:`require_one_image`); use ``python -m vqa.cli.predict`` for those.
 """
 
 from __future__ import annotations
@@ -251,12 +254,28 @@ def describe(trained: TrainedModel, device: Any) -> str:
     )
 
 
+def require_one_image(trained: TrainedModel) -> None:
+    """The page holds one image: :class:`CheckpointError` for a model that reads several per
+    question."""
+    streams = trained.streams
+    if streams is not None and len(streams) > 1:
+        raise CheckpointError(
+            f"{trained.path} reads {len(streams)} images per question (streams "
+            f"{', '.join(streams)}); the demo asks about one image. Use `python -m "
+            f"vqa.cli.predict ckpt_path={trained.path} "
+            f"image=[{','.join(f'<{stream} image>' for stream in streams)}] "
+            'question="..."` instead'
+        )
+
+
 class DemoApp:
     """The page's actions on one shared :class:`Predictor` (thread-safe: Gradio answers
     several visitors at once). Loading a checkpoint swaps the predictor for every visitor; a
-    question already running finishes with the model it started with."""
+    question already running finishes with the model it started with. A checkpoint of several
+    images per question is refused (:func:`require_one_image`)."""
 
     def __init__(self, predictor: Predictor, top_k: int = 5) -> None:
+        require_one_image(predictor.trained)
         self._predictor = predictor
         self.top_k = top_k
         self._load_lock = threading.Lock()
@@ -318,6 +337,7 @@ class DemoApp:
                 predictor = Predictor.from_checkpoint(
                     Path(path).expanduser(), self._predictor.device
                 )
+                require_one_image(predictor.trained)
             except (CheckpointError, OSError) as err:
                 log.warning("checkpoint %s not loaded: %s", path, err)
                 return (

@@ -7,8 +7,9 @@ state a checkpoint needs so that a resumed run continues exactly where it stoppe
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,27 @@ def check_same_world_size(saved: int, current: int) -> None:
         )
 
 
+def check_recorded_inputs(
+    net: VQAModel,
+    streams: list[str] | None,
+    conditioning_vocab: dict[str, list[str]] | None,
+) -> None:
+    """The streams and conditioning vocabulary a checkpoint records must be those ``net`` was
+    built with, or the checkpoint would rebuild another model (or map labels to other rows)."""
+    built_streams = getattr(net, "streams", None)
+    if streams != built_streams:
+        raise ValueError(f"module streams {streams}, but the net was built for {built_streams}")
+    conditioning = getattr(net, "conditioning", None)
+    built = {} if conditioning is None else conditioning.sizes
+    given = {} if conditioning_vocab is None else {f: len(v) for f, v in conditioning_vocab.items()}
+    if given != built:
+        raise ValueError(
+            f"conditioning_vocab has {given} values per field, but the net was built for "
+            f"{built}: pass the vocabulary the net's conditioning was sized from (the "
+            "datamodule's conditioning_vocab), which the checkpoint needs to map labels"
+        )
+
+
 class VQALitModule(LightningModule):
     """Trains a `VQAModel` on soft-score targets and scores it with the official VQA accuracy.
 
@@ -108,6 +130,13 @@ class VQALitModule(LightningModule):
     `question_families` (the datamodule's, empty for data without them such as VQA v2) adds
     validation and test accuracy per family, logged as ``val/family/<family>`` and
     ``test/family/<family>``.
+
+    `streams` (the visual streams' names) and `conditioning_vocab` (per conditioning field, its
+    known values in index order) are what the net was built with and what a checkpoint needs
+    to rebuild it and to map labels to the same indices (``vqa.checkpoint``); None: one image
+    per question, no conditioning. `conditioning_dropout` replaces, in training, each
+    question's conditioning ids by the unknown index with that probability, so the unknown
+    embedding learns what a question without (known) labels looks like.
     """
 
     def __init__(
@@ -125,11 +154,18 @@ class VQALitModule(LightningModule):
         text_lr_multiplier: float | None = None,
         run_config: dict[str, Any] | None = None,
         data_artifacts: dict[str, Any] | None = None,
+        conditioning_dropout: float = 0.1,
+        streams: Sequence[str] | None = None,
+        conditioning_vocab: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"module.loss must be one of {LOSSES}, got {loss!r}")
-        for name, p in (("image_dropout", image_dropout), ("question_dropout", question_dropout)):
+        for name, p in (
+            ("image_dropout", image_dropout),
+            ("question_dropout", question_dropout),
+            ("conditioning_dropout", conditioning_dropout),
+        ):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"module.{name} must be a probability in [0, 1], got {p}")
         if image_dropout + question_dropout > 1.0:
@@ -139,6 +175,17 @@ class VQALitModule(LightningModule):
             )
         # the optimizer and the schedule are built at fit start; a wrong argument fails here
         check_scheduler(scheduler)
+        # Plain lists and dicts, as saved below; checked against the net they describe (whose
+        # stream names are the default).
+        if streams is None:
+            streams = getattr(net, "streams", None)
+        streams = None if streams is None else [str(name) for name in streams]
+        conditioning_vocab = (
+            None
+            if conditioning_vocab is None
+            else {str(f): [str(v) for v in values] for f, values in conditioning_vocab.items()}
+        )
+        check_recorded_inputs(net, streams, conditioning_vocab)
         # Plain values only: the checkpoint's hyper_parameters must load with weights_only=True.
         # The optimizer and scheduler configs are in run_config.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
@@ -189,6 +236,16 @@ class VQALitModule(LightningModule):
         u = torch.rand(batch_size, device=self.device)
         return {"drop_image": u < p_img, "drop_question": (u >= p_img) & (u < p_img + p_q)}
 
+    def sample_conditioning_dropout(self, conditioning_ids: Tensor) -> Tensor:
+        """``conditioning_ids`` [B, F] with each question's row replaced by the unknown index
+        (0) with probability ``conditioning_dropout``: every field of the question at once, as
+        a question that came without its labels."""
+        p = self.hparams.get("conditioning_dropout", 0.0)
+        if p == 0:
+            return conditioning_ids
+        drop = torch.rand(conditioning_ids.shape[0], 1, device=conditioning_ids.device) < p
+        return conditioning_ids.masked_fill(drop, 0)
+
     def compute_loss(self, logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
         """The loss of a batch; ``valid`` [B] bool marks its real rows (static-shape batches
         carry padding rows, which must not count). Nothing here waits for the device."""
@@ -238,6 +295,11 @@ class VQALitModule(LightningModule):
         if stage == "train" and self._train_metrics_epoch != self.current_epoch:
             self._start_train_metrics()
         drop = self.sample_modality_dropout(batch.num_questions) if stage == "train" else {}
+        # Drawn only for a batch with conditioning fields: other runs draw as they always did.
+        if stage == "train" and getattr(batch, "conditioning_ids", None) is not None:
+            batch = dataclasses.replace(
+                batch, conditioning_ids=self.sample_conditioning_dropout(batch.conditioning_ids)
+            )
         out = self(batch, **drop)
         valid = batch.question_valid
         loss = self.compute_loss(out.logits, batch.targets, valid)

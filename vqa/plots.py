@@ -1,10 +1,12 @@
 """Figures of a :class:`~vqa.inference.Prediction`: the image under each image-attention map and
-the question tokens shaded by each question-attention map."""
+the question tokens shaded by each question-attention map. A prediction of a model with several
+visual streams gets each stream's image under that stream's maps (``image/<stream>…``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib import colormaps
@@ -18,17 +20,61 @@ from vqa.inference import Prediction
 
 # Width of one character of the 9 pt monospace token labels, box padding included.
 TOKEN_CHAR_INCHES = 0.085
+# A question's images: one, or for a model of several visual streams one per stream, in stream
+# order or by stream name (what vqa.inference.Predictor takes).
+PredictionImages = ImageInput | Sequence[ImageInput] | Mapping[str, ImageInput]
 
 
-def plot_attention(image: ImageInput, prediction: Prediction) -> Figure:
-    """The image under each image-attention heatmap, and the question tokens shaded by each
-    question-attention map. A plain ``Figure`` (Agg canvas), so no GUI backend is needed."""
-    picture = np.asarray(open_image(image))
-    height, width = picture.shape[:2]
-    # the fusion block's order (e.g. word, phrase, sentence), not alphabetical
+class Panel(NamedTuple):
+    """One image panel of the figure: the image drawn, the image-attention key drawn over it
+    (None: the image alone) and, for a model of several streams, the image's stream."""
+
+    image: ImageInput
+    key: str | None
+    stream: str | None = None
+
+
+def image_panels(images: PredictionImages, prediction: Prediction) -> list[Panel]:
+    """The figure's image panels in order: the image under each of a single-image
+    prediction's maps; with ``prediction.streams``, stream by stream, the stream's image under
+    each of its maps (``image/<stream>`` and ``image/<stream>/…``), or alone where the fusion
+    block has no image map."""
     image_keys = [k for k in prediction.attention if k.startswith("image")]
+    streams = prediction.streams
+    if isinstance(images, Mapping):
+        if streams and set(images) != set(streams):
+            raise ValueError(f"images by stream name need {streams}, got {sorted(images)}")
+        pictures = [images[s] for s in streams or images]
+    elif isinstance(images, list | tuple):
+        pictures = list(images)
+    else:
+        pictures = [images]
+    if len(pictures) != len(streams or [None]):
+        raise ValueError(
+            f"the prediction is about {len(streams or [None])} image(s)"
+            + (f" ({', '.join(streams)})" if streams else "")
+            + f", got {len(pictures)}"
+        )
+    if not streams:
+        return [Panel(pictures[0], key) for key in image_keys] or [Panel(pictures[0], None)]
+    panels: list[Panel] = []
+    for stream, picture in zip(streams, pictures, strict=True):
+        own = [k for k in image_keys if k == f"image/{stream}" or k.startswith(f"image/{stream}/")]
+        panels += [Panel(picture, key, stream) for key in own] or [Panel(picture, None, stream)]
+    return panels
+
+
+def plot_attention(image: PredictionImages, prediction: Prediction) -> Figure:
+    """The image under each image-attention heatmap, and the question tokens shaded by each
+    question-attention map. A plain ``Figure`` (Agg canvas), so no GUI backend is needed.
+
+    ``image``: the question's image, or for a prediction with ``streams`` its images (in
+    stream order or by stream name): one panel per stream image and map, titled with the map's
+    key, which names the stream (``image/left: ...``)."""
+    panels = image_panels(image, prediction)
+    # the fusion block's order (e.g. word, phrase, sentence), not alphabetical
     question_keys = [k for k in prediction.attention if k.startswith("question")]
-    columns = max(1, len(image_keys))
+    columns = len(panels)
     token_row_inches = TOKEN_CHAR_INCHES * sum(len(t) + 2 for t in prediction.tokens) + 0.5
     fig = Figure(
         figsize=(max(3.2 * columns + 0.6, token_row_inches), 3.6 + 0.55 * len(question_keys)),
@@ -38,11 +84,21 @@ def plot_attention(image: ImageInput, prediction: Prediction) -> Figure:
         1 + len(question_keys), columns, height_ratios=[6] + [1] * len(question_keys)
     )
     answers = ", ".join(f"{a} ({s:.2f})" for a, s in prediction.answers[:3])
-    fig.suptitle(f"Q: {prediction.question}\nA: {answers}", fontsize=10)
+    labels = "".join(
+        f" [{field}: {value}]" for field, value in (prediction.conditioning or {}).items()
+    )
+    fig.suptitle(f"Q: {prediction.question}{labels}\nA: {answers}", fontsize=10)
 
-    for col, key in enumerate(image_keys or [None]):
+    opened: dict[int, np.ndarray] = {}  # each image decoded once, however many maps it has
+    for col, (shown, key, stream) in enumerate(panels):
+        if id(shown) not in opened:
+            opened[id(shown)] = np.asarray(open_image(shown))
+        picture = opened[id(shown)]
+        height, width = picture.shape[:2]
         ax = fig.add_subplot(grid[0, col])
         ax.imshow(picture, extent=(0, width, height, 0))
+        if key is None and stream is not None:
+            ax.set_title(f"{stream} image (no attention map)", fontsize=9)
         if key is not None:
             weights = prediction.attention[key].numpy()
             # Each grid cell covers its share of the whole image: the model resizes, never crops.
@@ -104,7 +160,9 @@ def _shade_tokens(ax: Axes, tokens: Sequence[str], weights: Tensor) -> None:
     ax.set_axis_off()
 
 
-def save_attention_figure(image: ImageInput, prediction: Prediction, path: str | Path) -> Path:
+def save_attention_figure(
+    image: PredictionImages, prediction: Prediction, path: str | Path
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     plot_attention(image, prediction).savefig(path, dpi=120)

@@ -26,7 +26,13 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     apply_extras(cfg)
     try:
-        from vqa.demo import build_demo, checkpoint_examples, find_examples, launch_demo
+        from vqa.demo import (
+            build_demo,
+            checkpoint_examples,
+            find_examples,
+            launch_demo,
+            require_one_image,
+        )
     except ImportError as err:  # gradio is an optional extra
         raise SystemExit(
             f"the demo needs gradio ({err}); install it with `pip install -e '.[demo]'` "
@@ -36,6 +42,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         predictor = Predictor.from_checkpoint(cfg.ckpt_path, device=cfg.device)
+        require_one_image(predictor.trained)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from err
     count = int(cfg.examples.count)

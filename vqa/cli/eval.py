@@ -6,6 +6,12 @@ the split, plus ``metrics.json``. Annotated splits (val2014, and the synthetic s
 are scored by the offline evaluator (:func:`vqa.official_scorer.evaluate_results`, the official
 algorithm) on exactly the results that file holds; VQA v2's test-dev2015 / test2015 have no public
 answers, so the file is the submission and scoring happens on EvalAI.
+
+A checkpoint trained with several images per question (``data.streams``) or conditioning fields
+(``data.conditioning_fields``) is evaluated on the same streams and fields, its labels mapped
+with its own vocabulary; the split's questions whose label the model never saw in training (or
+that have none) are answered with the learned unknown embedding, and counted in
+``metrics.json`` (``unknown_conditioning``: {field: questions}) and the printed summary.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # The model was trained on these: a `data=<group>` swap must not silently change them.
 PREPROCESSING_KEYS = ("image_size", "max_question_length")
+# What the model reads per question; always the checkpoint's (another value cannot feed it).
+MODEL_INPUT_KEYS = ("streams", "conditioning_fields")
 METRICS_FILE = "metrics.json"
 
 
@@ -114,6 +122,9 @@ class EvalOutcome:
     report: EvalReport | None = None
     counts: dict[str, Counter[str]] = field(default_factory=dict)
     missing_question_ids: list[int] = field(default_factory=list)
+    # per conditioning field, the split's questions answered with the unknown embedding (None:
+    # a model without conditioning fields)
+    unknown_conditioning: dict[str, int] | None = None
 
     @property
     def questions_per_second(self) -> float:
@@ -140,6 +151,8 @@ def resolve_data_config(
     If ``data`` is a whole data config (a ``data=<group>`` choice, it has a ``_target_``) it
     replaces the checkpoint's source and loader settings, but the preprocessing the model was
     trained with stays unless given explicitly (``explicit``: keys set on the command line).
+    What the model reads per question (streams, conditioning fields) is the checkpoint's
+    (:func:`model_inputs`).
     """
     trained_cfg = trained.data_config
     overlay = OmegaConf.create(data) if isinstance(data, dict) else data.copy()
@@ -151,19 +164,62 @@ def resolve_data_config(
         log.info("data source swapped to %s; keeping the checkpoint's %s", data.get("source"), kept)
     values = OmegaConf.to_container(overlay, resolve=True)
     values = {k: v for k, v in values.items() if v is not None}
-    return values if swap_source else {**trained_cfg, **values}
+    resolved = values if swap_source else {**trained_cfg, **values}
+    # Given by the user: a value of the overlay, or of a swapped-in group if named explicitly.
+    given = {k: values[k] for k in MODEL_INPUT_KEYS if k in values}
+    if swap_source:
+        given = {k: v for k, v in given.items() if k in explicit}
+    return {**resolved, **model_inputs(trained, resolved, given)}
+
+
+def model_inputs(
+    trained: TrainedModel, data_config: dict[str, Any], given: dict[str, Any]
+) -> dict[str, Any]:
+    """The data config keys that say what the model reads per question, where ``data_config``
+    has other values than the checkpoint records: its visual streams (``streams``) and its
+    conditioning fields (``conditioning_fields``: those of its conditioning vocabulary, in
+    column order). A swapped-in data group's own values give way (a single-image model reads
+    no pair set's two streams, a model without fields no labels); values ``given`` by the user
+    that the model cannot read are refused. One exception: a model of one image per question
+    reads any one stream (``data.streams=[right]``)."""
+    recorded = {
+        "streams": trained.streams,
+        "conditioning_fields": (
+            None if trained.conditioning_vocab is None else list(trained.conditioning_vocab)
+        ),
+    }
+    for key, value in given.items():
+        value = list(value)
+        one_image = key == "streams" and len(value) == 1 and len(recorded[key] or [None]) == 1
+        if value != recorded[key] and not one_image:
+            raise ValueError(
+                f"data.{key}={value}, but {trained.path} was trained with {key}={recorded[key]}: "
+                f"a model reads the {key.replace('_', ' ')} it was trained with (leave data.{key} "
+                "unset)"
+            )
+    return {
+        key: value
+        for key, value in recorded.items()
+        if key not in given and data_config.get(key) != value
+    }
 
 
 def build_datamodule(
     trained: TrainedModel, data_config: dict[str, Any], split: str
 ) -> VQADataModule:
-    """The datamodule for ``split`` with the checkpoint's answer vocabulary and tokenizer, and
-    its visual encoder described (cached features are checked against it)."""
+    """The datamodule for ``split`` with the checkpoint's answer vocabulary, tokenizer and
+    conditioning vocabulary (labels map to the ids the model was trained on), and its visual
+    encoder described (cached features are checked against it)."""
     # Objects go to the partial, not to instantiate(): Hydra would turn the AnswerVocab
     # dataclass into a config node.
     datamodule = instantiate(OmegaConf.create(data_config), _partial_=True)(
         answer_vocab=trained.answer_vocab, tokenizer=trained.tokenizer, test_split=split
     )
+    if trained.conditioning_vocab is not None:
+        datamodule.use_conditioning_vocab(trained.conditioning_vocab)
+    if trained.streams is not None:
+        # cached features serve one shared encoder, not one per stream: refused before loading
+        datamodule.require_shared_streams(trained.model.visual_streams)
     datamodule.use_visual_encoder(trained.model.visual.describe())
     datamodule.prepare_data()
     if datamodule.features == "cached":
@@ -263,6 +319,11 @@ def evaluate_checkpoint(
         num_questions=len(predictions),
         seconds=seconds,
         missing_question_ids=missing,
+        unknown_conditioning=(
+            None
+            if trained.conditioning_vocab is None
+            else dict(datamodule.unknown_conditioning.get(split, {}))
+        ),
     )
     if missing:
         log.warning(
@@ -303,6 +364,8 @@ def _metrics_payload(outcome: EvalOutcome, trained: TrainedModel) -> dict[str, A
         "questions_per_second": round(outcome.questions_per_second, 2),
         "results_file": outcome.results_file.name,
     }
+    if outcome.unknown_conditioning is not None:
+        payload["unknown_conditioning"] = outcome.unknown_conditioning
     if outcome.report is None:
         payload["scored"] = "on EvalAI (no public answers for this split)"
         return payload
@@ -313,6 +376,12 @@ def print_outcome(outcome: EvalOutcome, console: Console | None = None) -> None:
     """A rich table: overall, per answer type, per question type (or the submission note)."""
     console = console or Console()
     speed = f"{outcome.num_questions} questions, {outcome.questions_per_second:.1f} questions/s"
+    if unknown := {f: n for f, n in (outcome.unknown_conditioning or {}).items() if n}:
+        console.print(
+            "questions with conditioning labels unseen in training (or none), answered with "
+            "the learned unknown embedding: "
+            + ", ".join(f"{field} {count}" for field, count in unknown.items())
+        )
     if outcome.report is None:
         console.print(
             f"[bold]{outcome.split}[/] has no public answers: wrote the submission file "

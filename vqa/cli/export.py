@@ -2,7 +2,11 @@
 
 ``onnx``: ``model.onnx`` mapping (images [B,3,S,S] float, input_ids [B,N] int64, attention_mask
 [B,N] int64) to logits [B,A], with dynamic batch and sequence axes (S is the checkpoint's image
-size). The export is checked against PyTorch with onnxruntime on batch sizes and question
+size). A model of several visual streams (``data.streams``, K of them) also takes
+``image_index`` [B,K] int64 (column k: the row of ``images`` [U,3,S,S] holding each question's
+stream-k image; U, the distinct images, is its own dynamic axis), and a model trained with
+conditioning fields (``data.conditioning_fields``, F of them) ``conditioning_ids`` [B,F] int64
+(each label's index in the field's vocabulary, written to ``export_config.json``; 0 = unknown). The export is checked against PyTorch with onnxruntime on batch sizes and question
 lengths other than the traced example before it is kept, because tracing bakes in any shape a
 Python branch looked at. ``safetensors``: the model weights alone (no optimizer state, no
 pickle), loadable with :func:`load_safetensors_export`. Both write beside the model what a
@@ -12,6 +16,7 @@ config, preprocessing, input/output names, how to turn logits into scores).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -25,17 +30,26 @@ from rich.console import Console
 from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
-from vqa.checkpoint import TrainedModel, build_model, load_checkpoint, load_weights, text_vocab_size
+from vqa.checkpoint import (
+    TrainedModel,
+    build_model,
+    load_checkpoint,
+    load_weights,
+    recorded_model_args,
+    text_vocab_size,
+)
 from vqa.data.artifacts import load_artifacts, save_artifacts
 from vqa.data.batch import VQABatch
 from vqa.data.images import IMAGENET_MEAN, IMAGENET_STD
-from vqa.data.preprocess import Preprocessor
-from vqa.inference import score_function
+from vqa.inference import model_preprocessor, score_function
 from vqa.utils import apply_extras, set_project_root
 from vqa.utils.project import CONFIG_DIR
 
 FORMATS = ("onnx", "safetensors")
 INPUT_NAMES = ("images", "input_ids", "attention_mask")
+# Inputs of a model of several visual streams, and of one with conditioning fields (in order).
+STREAMS_INPUT = "image_index"
+CONDITIONING_INPUT = "conditioning_ids"
 OUTPUT_NAMES = ("logits",)
 ONNX_FILE = "model.onnx"
 SAFETENSORS_FILE = "model.safetensors"
@@ -49,45 +63,86 @@ class ExportError(RuntimeError):
     """The exported model would not reproduce the PyTorch model."""
 
 
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The exported graph's inputs, in order: :data:`INPUT_NAMES`, then ``image_index`` for a
+    model of several visual streams and ``conditioning_ids`` for one with conditioning
+    fields."""
+    names = INPUT_NAMES
+    if getattr(model, "num_streams", 1) > 1:
+        names += (STREAMS_INPUT,)
+    if getattr(model, "conditioning", None) is not None:
+        names += (CONDITIONING_INPUT,)
+    return names
+
+
 class LogitsModel(nn.Module):
     """The tensor-only signature an exporter can trace: attention maps are dropped.
 
-    Its inputs are those of a batch with one image per question (:func:`export_inputs`), for
-    which the model's ``image_index`` is the identity and can be left out.
+    Its inputs are those of :func:`export_inputs`, in :func:`input_names` order. With one image
+    per question the model's ``image_index`` is the identity and is left out; a model of several
+    visual streams takes it ([B, K]) after the question, and one with conditioning fields its
+    ``conditioning_ids`` [B, F] last.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.extra_inputs = input_names(model)[len(INPUT_NAMES) :]
 
-    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(images=images, input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, *extra: Tensor
+    ) -> Tensor:
+        inputs = dict(zip(self.extra_inputs, extra, strict=True))
+        return self.model(
+            images=images, input_ids=input_ids, attention_mask=attention_mask, **inputs
+        ).logits
 
 
-def export_inputs(batch: VQABatch) -> tuple[Tensor, Tensor, Tensor]:
-    """The exported graph's inputs (:data:`INPUT_NAMES` order) of a batch with one image per
-    question, such as :class:`~vqa.data.preprocess.Preprocessor` makes."""
-    if batch.images is None or not torch.equal(
-        batch.image_index.cpu(), torch.arange(batch.num_questions)
-    ):
+def export_inputs(batch: VQABatch) -> tuple[Tensor, ...]:
+    """The exported graph's inputs (:func:`input_names` order) of a batch of images, such as
+    :class:`~vqa.data.preprocess.Preprocessor` makes: one image per question, in question
+    order, or (several visual streams) each question's row of each stream's image
+    (``image_index`` [B, K]); then the questions' ``conditioning_ids`` where the batch has
+    them."""
+    if batch.images is None:
+        raise ValueError("the exported model takes images, not cached visual features")
+    inputs: tuple[Tensor, ...] = (batch.images, batch.input_ids, batch.attention_mask)
+    if batch.image_index.dim() == 2:
+        inputs += (batch.image_index,)
+    elif not torch.equal(batch.image_index.cpu(), torch.arange(batch.num_questions)):
         raise ValueError("the exported model takes images, one per question, in question order")
-    return batch.images, batch.input_ids, batch.attention_mask
+    if batch.conditioning_ids is not None:
+        inputs += (batch.conditioning_ids,)
+    return inputs
 
 
 def example_inputs(
     trained: TrainedModel, batch_size: int, seq_len: int, seed: int = 0
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     """Random images and token ids, collated by the checkpoint's preprocessing; every other
-    question is shorter than ``seq_len`` (down to the shortest), so masks are exercised."""
+    question is shorter than ``seq_len`` (down to the shortest), so masks are exercised. A
+    model of several visual streams gets K images per question; one with conditioning fields
+    random label ids, the unknown (0) among them."""
     generator = torch.Generator().manual_seed(seed)
-    preprocessor = Preprocessor.for_model(trained)
+    # Labels are drawn as ids below: collating them from values would warn about unknown ones.
+    preprocessor = dataclasses.replace(model_preprocessor(trained), conditioning_vocab=None)
     size = preprocessor.image_size
-    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    streams = getattr(trained.model, "num_streams", 1)
+    images = torch.randn(batch_size * streams, 3, size, size, generator=generator)
     ids = torch.randint(0, len(preprocessor.tokenizer), (batch_size, seq_len), generator=generator)
     lengths = [seq_len] * batch_size
     lengths[1::2] = [max(MIN_QUESTION_TOKENS, seq_len // 2)] * len(lengths[1::2])
     token_ids = [row[:length].tolist() for row, length in zip(ids, lengths, strict=True)]
-    return export_inputs(preprocessor.collate(token_ids, images))
+    pixels = images if streams == 1 else [list(pair) for pair in images.split(streams)]
+    batch = preprocessor.collate(token_ids, pixels)
+    vocab = trained.conditioning_vocab
+    if getattr(trained.model, "conditioning", None) is not None and vocab is not None:
+        labels = [
+            torch.randint(0, len(values) + 1, (batch_size,), generator=generator)
+            for values in vocab.values()
+        ]
+        batch = dataclasses.replace(batch, conditioning_ids=torch.stack(labels, dim=1))
+    return export_inputs(batch)
 
 
 def export_onnx(
@@ -100,10 +155,13 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = LogitsModel(trained.model).eval()
     seq_len = trained.max_question_length
+    names = input_names(trained.model)
     dynamic = {
-        "images": {0: "batch"},
+        # with streams a batch's distinct images are not one per question: their own axis
+        "images": {0: "images" if STREAMS_INPUT in names else "batch"},
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "sequence"},
+        **{name: {0: "batch"} for name in names[len(INPUT_NAMES) :]},
         "logits": {0: "batch"},
     }
     with warnings.catch_warnings():
@@ -116,7 +174,7 @@ def export_onnx(
             example_inputs(trained, batch_size=2, seq_len=seq_len),
             str(path),
             dynamo=False,
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=dynamic,
             opset_version=opset,
@@ -135,6 +193,7 @@ def check_onnx(trained: TrainedModel, path: str | Path, atol: float = 1e-4) -> f
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wrapper = LogitsModel(trained.model).eval()
+    names = input_names(trained.model)
     worst = 0.0
     for seed, (batch_size, seq_len) in enumerate(
         [(3, MIN_QUESTION_TOKENS + 2), (1, MIN_QUESTION_TOKENS), (4, trained.max_question_length)]
@@ -143,9 +202,7 @@ def check_onnx(trained: TrainedModel, path: str | Path, atol: float = 1e-4) -> f
         with torch.inference_mode():
             expected = wrapper(*inputs).numpy()
         try:
-            (got,) = session.run(
-                None, dict(zip(INPUT_NAMES, (x.numpy() for x in inputs), strict=True))
-            )
+            (got,) = session.run(None, dict(zip(names, (x.numpy() for x in inputs), strict=True)))
         except Exception as err:  # onnxruntime raises its own untyped Fail errors
             raise ExportError(
                 f"the ONNX model fails on batch {batch_size}, {seq_len} tokens: {err}. Tracing "
@@ -172,13 +229,19 @@ def export_safetensors(trained: TrainedModel, path: str | Path) -> Path:
 
 def export_config(trained: TrainedModel, model_file: str) -> dict[str, Any]:
     """What a consumer needs to feed the model and read its output."""
-    return {
+    names = input_names(trained.model)
+    config = {
         "export_version": EXPORT_VERSION,
         "model_file": model_file,
         "checkpoint": str(trained.path),
         "inputs": {
             "images": {
-                "shape": ["batch", 3, trained.image_size, trained.image_size],
+                "shape": [
+                    "images" if STREAMS_INPUT in names else "batch",
+                    3,
+                    trained.image_size,
+                    trained.image_size,
+                ],
                 "dtype": "float32",
                 "preprocessing": "RGB, resized (not cropped) to image_size, scaled to [0, 1], "
                 "normalised with mean/std",
@@ -194,6 +257,31 @@ def export_config(trained: TrainedModel, model_file: str) -> dict[str, Any]:
         "hparams": {k: trained.hparams.get(k) for k in ("loss", "question_types")},
         "run_config": trained.run_config,
     }
+    # What the model reads besides one image per question, and how (only where it does).
+    streams, vocab = trained.streams, trained.conditioning_vocab
+    if streams is not None:
+        config["hparams"]["streams"] = streams
+    if vocab is not None:
+        config["hparams"]["conditioning_vocab"] = vocab
+    if STREAMS_INPUT in names:
+        config["inputs"][STREAMS_INPUT] = {
+            "shape": ["batch", len(streams or ())],
+            "dtype": "int64",
+            "streams": streams,
+            "meaning": "column k: the row of images holding the question's image of stream k "
+            "(streams in this order); an image several questions or streams show may be one row",
+        }
+    if CONDITIONING_INPUT in names:
+        config["inputs"][CONDITIONING_INPUT] = {
+            "shape": ["batch", len(vocab or {})],
+            "dtype": "int64",
+            "fields": list(vocab or {}),
+            "vocabulary": vocab,
+            "meaning": "column f: the index of the question's label of field f, 1 + its "
+            "position in the field's vocabulary; 0 = unknown (no label, or one never seen in "
+            "training)",
+        }
+    return config
 
 
 def export_checkpoint(
@@ -231,6 +319,7 @@ def load_safetensors_export(directory: str | Path) -> TrainedModel:
         config["run_config"]["model"],
         num_answers=len(vocab),
         vocab_size=text_vocab_size(state) or len(tokenizer),
+        **recorded_model_args(config["hparams"], str(directory)),
     )
     load_weights(model, state, str(directory))
     return TrainedModel(

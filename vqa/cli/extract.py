@@ -44,6 +44,7 @@ from vqa.data.features import (
     build_manifest,
     extract_split,
     require_frozen,
+    require_shared_visual_streams,
     split_images,
     store_complete,
 )
@@ -107,8 +108,8 @@ def write_stores(
     options: DictConfig,
 ) -> list[ExtractionReport]:
     """Write (or finish) the store of each split with ``encoder`` (ready: eval mode, frozen, on
-    its device), reading the images through ``datamodule`` (prepared). The caller holds
-    :func:`extraction_lock`."""
+    its device), reading the images through ``datamodule`` (prepared): every distinct image of
+    every stream it reads (``data.streams``), once. The caller holds :func:`extraction_lock`."""
     reports = []
     for split in dict.fromkeys(splits):
         table = datamodule.table(split).table
@@ -127,7 +128,11 @@ def write_stores(
         )
         try:
             dataset = DistinctImages(
-                table, images.rows, datamodule.eval_transform, datamodule.on_bad_record
+                table,
+                images.rows,
+                datamodule.eval_transform,
+                datamodule.on_bad_record,
+                streams=images.streams,
             )
             reports.append(
                 extract_split(
@@ -146,6 +151,8 @@ def write_stores(
 def _extract(
     cfg: DictConfig, splits: Sequence[str] | None = None, *, frozen_only: bool = False
 ) -> list[ExtractionReport]:
+    # Before anything is encoded: training refuses stores for one encoder per stream anyway.
+    require_shared_visual_streams(cfg.model.get("visual_streams", "shared"))
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.data.features = "images"  # extraction reads images, whatever training will read

@@ -27,6 +27,7 @@ from vqa.cli.extract import extract_missing
 from vqa.config_schema import register_schemas
 from vqa.data.tokenizer import tokenizer_spec
 from vqa.models.compilation import compile_network
+from vqa.models.vqa_model import data_model_args
 from vqa.utils import (
     apply_extras,
     drop_logger_only_callbacks,
@@ -41,16 +42,25 @@ log = logging.getLogger(__name__)
 
 def build_components(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """Data first: the answer vocabulary and the tokenizer (the text encoder's, see
-    :func:`~vqa.data.tokenizer.tokenizer_spec`) size the model. Then the datamodule gets the
-    visual encoder's description, against which it checks cached features before any fit."""
+    :func:`~vqa.data.tokenizer.tokenizer_spec`) size the model, and the visual streams and
+    conditioning fields shape it (:func:`~vqa.models.vqa_model.data_model_args`). Then the
+    datamodule gets the visual encoder's description, against which it checks cached features
+    before any fit."""
     datamodule = instantiate(cfg.data)
+    if cfg.data.get("features") == "cached" and hasattr(datamodule, "require_shared_streams"):
+        # Refused before anything is loaded: one store of frozen maps cannot serve an encoder
+        # per stream.
+        datamodule.require_shared_streams(cfg.model.get("visual_streams", "shared"))
     datamodule.use_tokenizer(tokenizer_spec(cfg.model.get("text")))
     datamodule.prepare_data()
     datamodule.setup("fit")
+    streams = getattr(datamodule, "stream_names", None)
+    conditioning_vocab = getattr(datamodule, "conditioning_vocab", None)
     net = instantiate(
         cfg.model,
         num_answers=len(datamodule.answer_vocab),
         vocab_size=len(datamodule.tokenizer),
+        **data_model_args(streams, conditioning_vocab),
     )
     datamodule.use_visual_encoder(net.visual.describe())
     compile_network(net, cfg.get("compile"), cfg.data.get("static_shapes"))
@@ -61,6 +71,13 @@ def build_components(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.Lightn
         question_families=list(datamodule.question_families),
         run_config=OmegaConf.to_container(cfg, resolve=True),
         data_artifacts=datamodule.artifacts(),
+        # What eval, predict and export rebuild the net and map labels with (vqa.checkpoint).
+        streams=None if streams is None else list(streams),
+        conditioning_vocab=(
+            None
+            if conditioning_vocab is None
+            else {field: list(values) for field, values in conditioning_vocab.items()}
+        ),
     )
     return datamodule, module
 
@@ -164,6 +181,8 @@ def build_feature_stores(cfg: DictConfig) -> None:
     data = cfg.data
     if data.get("features") != "cached" or not data.get("feature_dir"):
         return  # no feature_dir: the datamodule says what is missing
+    if cfg.model.get("visual_streams") == "separate":
+        return  # no store serves an encoder per stream: the datamodule refuses the run
     # setup("fit") opens train and val whatever `train` says; the test stage opens the test split.
     splits = [data.get("train_split"), data.get("val_split")]
     if cfg.get("test"):

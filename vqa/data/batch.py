@@ -27,7 +27,11 @@ class VQABatch:
     Model inputs: ``input_ids``/``attention_mask`` [B, N] (right padding); ``image_index`` [B],
     the row of each question's image in ``images`` [U, 3, H, W] or, read from the feature cache,
     ``visual_features`` (one [U, C_s, H_s, W_s] map per stage). Image-grouped batches hold an
-    image once however many of its questions they carry.
+    image once however many of its questions they carry. With several images per question
+    (``data.streams``, K of them) ``image_index`` is [B, K], column k the row of each question's
+    stream-k image; the distinct images of all streams are each one row (``image_id`` is then
+    the first stream's). With conditioning fields (``data.conditioning_fields``, F of them)
+    ``conditioning_ids`` [B, F] long holds each question's value indices (0: unknown).
 
     Training and scoring: ``targets`` [B, num_answers] soft scores and ``answer_type_id`` [B]
     long, each question's index in :data:`vqa.metrics.ANSWER_TYPES` (annotated splits; the
@@ -55,6 +59,7 @@ class VQABatch:
     question_valid: Tensor | None = None
     image_valid: Tensor | None = None
     answer_type_id: Tensor | None = None
+    conditioning_ids: Tensor | None = None
     question: tuple[str, ...] = ()
     question_type: tuple[str, ...] = ()
     answer_type: tuple[str, ...] = ()
@@ -115,6 +120,8 @@ class VQABatch:
             inputs["question_valid"] = self.question_valid
         if self.image_valid is not None:
             inputs["image_valid"] = self.image_valid
+        if self.conditioning_ids is not None:
+            inputs["conditioning_ids"] = self.conditioning_ids
         return inputs
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> VQABatch:

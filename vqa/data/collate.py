@@ -1,10 +1,12 @@
 """Batch assembly: pad questions to the longest in the batch (or to fixed static shapes),
-densify the soft targets."""
+densify the soft targets, keep each distinct image once, map conditioning values to ids."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +22,37 @@ if TYPE_CHECKING:
     from vqa.data.features import FeatureStore
 
 ANSWER_TYPE_INDEX = {name: i for i, name in enumerate(ANSWER_TYPES)}
+UNKNOWN_CONDITIONING = 0  # the index of a value missing (None) or not in the vocabulary
+
+ConditioningVocab = Mapping[str, Sequence[str]]
+
+
+def conditioning_index(vocab: ConditioningVocab) -> dict[str, dict[str, int]]:
+    """Per field, value -> index: 1 + its position in the field's list (0 is the unknown)."""
+    return {field: {v: i + 1 for i, v in enumerate(values)} for field, values in vocab.items()}
+
+
+def build_conditioning_vocab(
+    fields: Sequence[str], values: Sequence[Sequence[str | None]]
+) -> dict[str, list[str]]:
+    """Per field (in order), the sorted distinct values of ``values`` (one sequence per
+    question, in field order); None, a missing value, is no value of the vocabulary."""
+    return {
+        field: sorted({v[position] for v in values if v[position] is not None})
+        for position, field in enumerate(fields)
+    }
+
+
+def unknown_conditioning_values(
+    vocab: ConditioningVocab, values: Sequence[Sequence[str | None]]
+) -> dict[str, list[str | None]]:
+    """Per field, the value of every question whose value maps to the unknown index (None,
+    or a value the vocabulary lacks), in question order."""
+    index = conditioning_index(vocab)
+    return {
+        field: [v[position] for v in values if v[position] not in known]
+        for position, (field, known) in enumerate(index.items())
+    }
 
 
 @dataclass(frozen=True)
@@ -58,6 +91,14 @@ class VQACollator:
     ``images``: one [U,C_s,H_s,W_s] tensor per stage, in the store's dtype (float16 halves the
     host-to-device copy; the datamodule casts after the transfer).
 
+    Samples with several images per question (``image_ids`` and, per stream, ``images`` or
+    ``feature_rows``) keep each distinct image of all streams once, and ``image_index`` is
+    [B, K], column k the row of each question's stream-k image; with a single stream it stays
+    [B], so that one stream of a set is exactly the single-image data set of its images. With a
+    ``conditioning_vocab`` ({field: known values}, fields in the samples' ``conditioning``
+    order) the batch carries ``conditioning_ids`` [B, F] long
+    (:data:`UNKNOWN_CONDITIONING` for None or an unseen value, else 1 + the value's position).
+
     With ``static_shapes`` every tensor is padded to those sizes and the batch gains
     ``question_valid`` [B] and ``image_valid`` [U] bool (True = real row; real rows first). A
     padding question is a copy of the last real one (tokens, image row, ids, answer type), so
@@ -70,6 +111,51 @@ class VQACollator:
     num_answers: int
     features: FeatureStore | None = None
     static_shapes: StaticShapes | None = None
+    conditioning_vocab: ConditioningVocab | None = None
+
+    @cached_property
+    def _conditioning_index(self) -> list[dict[str, int]]:
+        """value -> index per field, in field order (built once per collator and worker)."""
+        return list(conditioning_index(self.conditioning_vocab or {}).values())
+
+    def _image_rows(self, kept: list[dict[str, Any]]) -> tuple[list[Any], Tensor]:
+        """Each distinct image once (pixels or feature row) and each question's row of it:
+        [B], or [B, K] for questions with several (a single stream stays [B])."""
+        streams = "image_ids" in kept[0]
+        if self.features is None:
+            visual_key = "images" if streams else "image"
+        else:
+            visual_key = "feature_rows" if streams else "feature_row"
+        rows: dict[int, int] = {}  # image_id -> row in `images` / `visual_features`
+        visuals, image_index = [], []
+        for s in kept:
+            if streams:
+                shown = list(zip(s["image_ids"], s[visual_key], strict=True))
+            else:
+                shown = [(s["image_id"], s[visual_key])]
+            question_rows = []
+            for image_id, visual in shown:
+                if image_id not in rows:
+                    rows[image_id] = len(visuals)
+                    visuals.append(visual)
+                question_rows.append(rows[image_id])
+            image_index.append(question_rows if len(question_rows) > 1 else question_rows[0])
+        return visuals, torch.tensor(image_index, dtype=torch.long)
+
+    def _conditioning_ids(self, kept: list[dict[str, Any]]) -> Tensor:
+        index = self._conditioning_index
+        rows = []
+        for s in kept:
+            values = s["conditioning"]
+            if len(values) != len(index):
+                raise ValueError(
+                    f"a sample has {len(values)} conditioning values but the vocabulary "
+                    f"{len(index)} fields ({list(self.conditioning_vocab or {})})"
+                )
+            rows.append(
+                [known.get(v, UNKNOWN_CONDITIONING) for known, v in zip(index, values, strict=True)]
+            )
+        return torch.tensor(rows, dtype=torch.long).view(len(kept), len(index))
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> VQABatch:
         kept = [s for s in samples if s is not None]  # None: skipped unreadable image (logged)
@@ -81,14 +167,7 @@ class VQACollator:
         ids = [torch.tensor(s["input_ids"], dtype=torch.long) for s in kept]
         lengths = torch.tensor([len(t) for t in ids])
         input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)
-        visual_key = "image" if self.features is None else "feature_row"
-        rows: dict[int, int] = {}  # image_id -> row in `images` / `visual_features`
-        visuals, image_index = [], []
-        for s in kept:
-            if s["image_id"] not in rows:
-                rows[s["image_id"]] = len(visuals)
-                visuals.append(s[visual_key])
-            image_index.append(rows[s["image_id"]])
+        visuals, image_index = self._image_rows(kept)
         visual: dict[str, Any] = (
             {"images": torch.stack(visuals)}
             if self.features is None
@@ -109,11 +188,14 @@ class VQACollator:
                 ),
                 "answers": tuple(tuple(s["answers"]) for s in kept),
             }
+        conditioning: dict[str, Any] = {}
+        if self.conditioning_vocab is not None:
+            conditioning["conditioning_ids"] = self._conditioning_ids(kept)
         families = tuple(s.get("question_family") for s in kept)
         batch = VQABatch(
             input_ids=input_ids,
             attention_mask=(torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
-            image_index=torch.tensor(image_index, dtype=torch.long),
+            image_index=image_index,
             question_id=torch.tensor([s["question_id"] for s in kept], dtype=torch.long),
             image_id=torch.tensor([s["image_id"] for s in kept], dtype=torch.long),
             question=tuple(s["question"] for s in kept),
@@ -122,6 +204,7 @@ class VQACollator:
             question_family=families if any(f is not None for f in families) else None,
             **visual,
             **annotated,
+            **conditioning,
         )
         if self.static_shapes is None:
             return batch
@@ -137,6 +220,11 @@ def _repeat_last(rows: Tensor, total: int) -> Tensor:
 
 def pad_to_static_shapes(batch: VQABatch, shapes: StaticShapes, pad_token_id: int) -> VQABatch:
     """A collated batch padded to ``shapes`` (see :class:`VQACollator`)."""
+    if batch.image_index.dim() != 1 or batch.conditioning_ids is not None:
+        raise ValueError(
+            "data.static_shapes does not support several images per question (data.streams) "
+            "or conditioning fields (data.conditioning_fields) yet: set data.static_shapes=null"
+        )
     questions, tokens = batch.input_ids.shape
     images = len(batch.images) if batch.images is not None else len(batch.visual_features[0])
     for name, count, what in (

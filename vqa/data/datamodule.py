@@ -6,7 +6,8 @@ point, never from the model itself: training hands over which tokenizer to build
 (:meth:`VQADataModule.use_tokenizer`, chosen by :func:`vqa.data.tokenizer.tokenizer_spec`) and
 the visual encoder's description (:meth:`VQADataModule.use_visual_encoder`); evaluation passes a
 checkpoint's ``answer_vocab`` and ``tokenizer`` (see :mod:`vqa.data.artifacts`) so class ids and
-token ids match the trained model.
+token ids match the trained model, and its conditioning vocabulary
+(:meth:`VQADataModule.use_conditioning_vocab`) so conditioning values map to the same ids.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ from transformers import PreTrainedTokenizerFast
 from vqa.data.answers import AnswerVocab, soft_scores
 from vqa.data.artifacts import artifacts_to_dict, save_artifacts
 from vqa.data.batch import VQABatch
-from vqa.data.collate import StaticShapes, VQACollator
+from vqa.data.collate import (
+    StaticShapes,
+    VQACollator,
+    build_conditioning_vocab,
+    unknown_conditioning_values,
+)
 from vqa.data.dataset import VQADataset
 from vqa.data.errors import BadRecordLog, DataError, OnBadRecord
 from vqa.data.features import (
@@ -39,6 +45,7 @@ from vqa.data.features import (
     FeatureStoreError,
     VisualEncoderDescription,
     require_frozen,
+    require_shared_visual_streams,
     split_images,
 )
 from vqa.data.images import build_transform
@@ -50,7 +57,7 @@ from vqa.data.samplers import (
     max_images_per_batch,
 )
 from vqa.data.sources import DataSource
-from vqa.data.table import SplitTable, column
+from vqa.data.table import SplitTable, check_names, column
 from vqa.data.tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,8 @@ log = logging.getLogger(__name__)
 VisualInput = Literal["images", "cached"]
 STATIC_SHAPE_KEYS = ("questions", "images", "tokens")
 ENCODING_VERSION = "1"  # bump when encode_batch changes, to invalidate cached encodings
+CONDITIONING_VOCAB_FILE = "conditioning_vocab.json"  # beside a run's answer vocabulary
+UNKNOWN_EXAMPLES = 3  # unknown conditioning values a warning names
 ENCODED_FEATURES = Features(
     {
         "input_ids": List(Value("int32")),
@@ -125,6 +134,17 @@ class VQADataModule(pl.LightningDataModule):
     than at the batch that exceeds it hours into a run. Evaluation batches stay as long as they
     are: they run without gradients, must keep every question, and
     ``torch.compile(dynamic=True)`` or eager serves them.
+
+    ``streams`` (names of the question records' ``image_ids``) reads several images per
+    question: batches then carry an [B, K] ``image_index`` over the distinct images of all
+    streams (a single stream: the single-image data set of its images, [B]), image-grouped
+    batches group questions by their tuple of images, and feature stores hold every stream's
+    images. ``conditioning_fields`` reads those question-record keys as categorical labels:
+    ``conditioning_vocab`` (per field, the sorted values seen in the training split, built at
+    ``setup`` or handed over by :meth:`use_conditioning_vocab`) maps them to the batches'
+    ``conditioning_ids`` (0: unknown), and ``unknown_conditioning`` ({split: {field: count}})
+    counts the questions of each set-up split that get the unknown id. Neither works with
+    ``static_shapes`` yet. Both need a source that reads them (the VQA v2 layout).
     """
 
     def __init__(
@@ -153,9 +173,19 @@ class VQADataModule(pl.LightningDataModule):
         features: VisualInput = "images",
         feature_dir: str | Path | None = None,
         static_shapes: Mapping[str, int | None] | None = None,
+        streams: Sequence[str] | None = None,
+        conditioning_fields: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         BadRecordLog(on_bad_record)  # validates the policy name now, not at setup
+        streams = check_names(streams, "data.streams")
+        conditioning_fields = check_names(conditioning_fields, "data.conditioning_fields")
+        if static_shapes is not None and (streams is not None or conditioning_fields is not None):
+            raise ValueError(
+                "data.static_shapes does not support several images per question "
+                "(data.streams) or conditioning fields (data.conditioning_fields) yet: set "
+                "data.static_shapes=null"
+            )
         if max_question_length < 3:
             raise ValueError(
                 f"max_question_length must fit [CLS], a word and [SEP], got {max_question_length}"
@@ -201,6 +231,10 @@ class VQADataModule(pl.LightningDataModule):
         self.visual_encoder: VisualEncoderDescription | None = None
         self._train_position: dict[str, int] | None = None  # from a checkpoint, not yet applied
         self.static_shapes = _static_shapes_config(static_shapes, batch_size, max_question_length)
+        self.streams = streams
+        self.conditioning_fields = conditioning_fields
+        self._conditioning_vocab: dict[str, list[str]] | None = None
+        self.unknown_conditioning: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ what the model decides
 
@@ -209,6 +243,31 @@ class VQADataModule(pl.LightningDataModule):
         text encoder's config); a ready ``tokenizer`` given to the constructor wins."""
         self.tokenizer_spec = spec
 
+    def use_conditioning_vocab(self, vocab: Mapping[str, Sequence[str]]) -> None:
+        """Map conditioning values with ``vocab`` (a checkpoint's ``conditioning_vocab``: the
+        values its model has embeddings for) instead of building one at ``setup``; before
+        ``setup``, whose unknown-value counts use it."""
+        if self.conditioning_fields is None:
+            raise ValueError(
+                "a conditioning vocabulary was handed over, but this data reads no "
+                "conditioning fields (data.conditioning_fields is null)"
+            )
+        if list(vocab) != self.conditioning_fields:
+            raise ValueError(
+                f"the conditioning vocabulary has fields {list(vocab)} but "
+                f"data.conditioning_fields={self.conditioning_fields}: they must be the same, "
+                "in the same order"
+            )
+        if self.datasets:
+            raise RuntimeError("use_conditioning_vocab() must be called before setup()")
+        self._conditioning_vocab = {field: list(values) for field, values in vocab.items()}
+
+    def require_shared_streams(self, visual_streams: str) -> None:
+        """Refuse ``model.visual_streams`` (``shared`` | ``separate``) where the data cannot
+        serve it: cached features hold one shared encoder's maps, never one per stream."""
+        if self.features == "cached":
+            require_shared_visual_streams(visual_streams)
+
     def use_visual_encoder(self, encoder: VisualEncoderDescription) -> None:
         """The model's visual encoder, described (``model.visual.describe()``): with
         ``features="cached"`` the stores of the set-up splits are checked against it now, and
@@ -216,6 +275,22 @@ class VQADataModule(pl.LightningDataModule):
         self.visual_encoder = encoder
         if self.features == "cached":
             self._check_visual_encoder(list(self.feature_stores))
+
+    # ------------------------------------------------------------------ what the data holds
+
+    @property
+    def stream_names(self) -> list[str] | None:
+        """The visual streams read (``data.streams``), in order; None: one image per question."""
+        return None if self.streams is None else list(self.streams)
+
+    @property
+    def conditioning_vocab(self) -> dict[str, list[str]] | None:
+        """Per conditioning field, its known values (index 1 + position; 0 is the unknown):
+        built from the training split at ``setup``, or a checkpoint's. None without fields, or
+        before ``setup``."""
+        if self._conditioning_vocab is None:
+            return None
+        return {field: list(values) for field, values in self._conditioning_vocab.items()}
 
     # ------------------------------------------------------------------ loading
 
@@ -240,7 +315,16 @@ class VQADataModule(pl.LightningDataModule):
         """The loaded split table (loaded once; bad records raised or counted)."""
         if split not in self.tables:
             bad = BadRecordLog(self.on_bad_record)
-            self.tables[split] = self.source.load_split(self.root, split, bad)
+            # Only what is set: sources that read neither keep their three-argument load_split.
+            options = {
+                name: value
+                for name, value in (
+                    ("streams", self.streams),
+                    ("conditioning_fields", self.conditioning_fields),
+                )
+                if value is not None
+            }
+            self.tables[split] = self.source.load_split(self.root, split, bad, **options)
             self.bad_records[split] = dict(bad.counts)
         return self.tables[split]
 
@@ -268,9 +352,13 @@ class VQADataModule(pl.LightningDataModule):
             self.tokenizer = self.tokenizer_spec.load(
                 lambda: column(self.table(self.train_split).table, "question")
             )
+        if self.conditioning_fields is not None and self._conditioning_vocab is None:
+            values = column(self.table(self.train_split).table, "conditioning")
+            self._conditioning_vocab = build_conditioning_vocab(self.conditioning_fields, values)
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self._dataset(split)
+                self._count_unknown_conditioning(split)
         if self.features == "cached" and self.visual_encoder is not None:
             self._check_visual_encoder(splits)
         elif self.features == "cached" and self.trainer is not None:
@@ -291,6 +379,26 @@ class VQADataModule(pl.LightningDataModule):
                 if f is not None
             }
         )
+
+    def _count_unknown_conditioning(self, split: str) -> None:
+        """Count (and warn once per field about) ``split``'s questions whose conditioning value
+        is unknown: the model meets them through its learned unknown embedding."""
+        if self._conditioning_vocab is None:
+            return
+        values = column(self.table(split).table, "conditioning")
+        unknown = unknown_conditioning_values(self._conditioning_vocab, values)
+        self.unknown_conditioning[split] = {field: len(found) for field, found in unknown.items()}
+        for field, found in unknown.items():
+            if found:
+                examples = list(dict.fromkeys(found))[:UNKNOWN_EXAMPLES]
+                log.warning(
+                    "%s: %d questions have %s values unseen in training (or none) -> the "
+                    "learned unknown embedding (e.g. %s)",
+                    split,
+                    len(found),
+                    field,
+                    examples,
+                )
 
     def _encoding_key(self, table: SplitTable) -> str:
         digest = hashlib.blake2b(digest_size=16)
@@ -361,9 +469,15 @@ class VQADataModule(pl.LightningDataModule):
                 f"the images of split {split!r} changed since {store.directory} was extracted "
                 "(other ids, files or sizes): extract again (extract.overwrite=true)"
             )
-        rows = store.rows_for(np.asarray(column(table.table, "image_id"), dtype=np.int64))
+        if self.streams is None:
+            image_ids = np.asarray(column(table.table, "image_id"), dtype=np.int64)
+        else:  # [N, K]: each question's row of each stream's image
+            image_ids = np.asarray(column(table.table, "image_ids"), dtype=np.int64).reshape(
+                len(table.table), len(self.streams)
+            )
+        rows = store.rows_for(image_ids.reshape(-1)).reshape(image_ids.shape)
         if (rows < 0).any() and self.on_bad_record == "error":
-            bad = sorted(set(np.asarray(column(table.table, "image_id"))[rows < 0].tolist()))
+            bad = sorted(set(image_ids[rows < 0].tolist()))
             raise DataError(
                 f"{len(bad)} image(s) were unreadable at feature extraction (e.g. image_id "
                 f"{bad[:5]}); fix them and extract again, or set data.on_bad_record=skip",
@@ -409,20 +523,36 @@ class VQADataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ artifacts and loaders
 
     def _ready(self) -> tuple[AnswerVocab, PreTrainedTokenizerFast]:
-        if self.answer_vocab is None or self.tokenizer is None:
+        if (
+            self.answer_vocab is None
+            or self.tokenizer is None
+            or (self.conditioning_fields is not None and self._conditioning_vocab is None)
+        ):
             raise RuntimeError(
-                "the answer vocabulary and tokenizer exist after setup(); call it first"
+                "the answer vocabulary, tokenizer (and conditioning vocabulary) exist after "
+                "setup(); call it first"
             )
         return self.answer_vocab, self.tokenizer
 
     def save_artifacts(self, run_dir: str | Path) -> None:
         """Write the answer vocabulary and tokenizer beside a run (read back by
-        :func:`vqa.data.artifacts.load_artifacts`)."""
+        :func:`vqa.data.artifacts.load_artifacts`), and the conditioning vocabulary
+        (``conditioning_vocab.json``) where there is one."""
         save_artifacts(run_dir, *self._ready())
+        if self._conditioning_vocab is not None:
+            (Path(run_dir) / CONDITIONING_VOCAB_FILE).write_text(
+                json.dumps(self._conditioning_vocab, indent=2) + "\n", encoding="utf-8"
+            )
 
     def artifacts(self) -> dict[str, Any]:
-        """The same, as plain data for a checkpoint (:func:`vqa.data.artifacts.artifacts_from_dict`)."""
-        return artifacts_to_dict(*self._ready())
+        """The same, as plain data for a checkpoint (:func:`vqa.data.artifacts.artifacts_from_dict`),
+        with ``streams`` and ``conditioning_vocab`` where the data has them."""
+        artifacts = artifacts_to_dict(*self._ready())
+        if self.streams is not None:
+            artifacts["streams"] = self.stream_names
+        if self._conditioning_vocab is not None:
+            artifacts["conditioning_vocab"] = self.conditioning_vocab
+        return artifacts
 
     def _loader(
         self, split: str | None, shuffle: bool, batch_size: int, static: bool = False
@@ -447,6 +577,7 @@ class VQADataModule(pl.LightningDataModule):
                 len(self.answer_vocab),
                 features=self.feature_stores.get(split),
                 static_shapes=static_shapes,
+                conditioning_vocab=self.conditioning_vocab,
             ),
         )
 
@@ -491,7 +622,9 @@ class VQADataModule(pl.LightningDataModule):
         world_size = 1 if self.trainer is None else self.trainer.world_size
         if not shuffle and (world_size == 1 or not self.group_by_image):
             return None  # table order; under DDP Lightning splits it among the ranks
-        if self.group_by_image:
+        if self.group_by_image and self.streams is not None:
+            image_ids = [tuple(ids) for ids in column(dataset.table, "image_ids")]
+        elif self.group_by_image:
             image_ids = column(dataset.table, "image_id")
         else:
             image_ids = range(len(dataset))

@@ -1,6 +1,6 @@
 """A split as map-style torch datasets: one sample dict per question (image decoded lazily, once
-per distinct image of a batch, or its row in a feature store), and each distinct image once for
-the feature extractor."""
+per distinct image of a batch, or its row in a feature store; one per stream where questions
+have several images), and each distinct image once for the feature extractor."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def row_image(row: dict[str, Any]) -> Image.Image:
     return load_rgb(stored["bytes"] or stored["path"], row["question_id"], name=stored.get("path"))
 
 
+def stream_image(row: dict[str, Any], stream: int) -> Image.Image:
+    """The decoded RGB image of stream ``stream`` (position in ``image_paths``) of a table row
+    with several images per question."""
+    return load_rgb(row["image_paths"][stream], row["question_id"])
+
+
 class VQADataset(torch.utils.data.Dataset):
     """Rows of a split table beside their cached encoding (token ids, sparse soft targets).
 
@@ -40,6 +46,12 @@ class VQADataset(torch.utils.data.Dataset):
     With ``feature_rows`` (``data.features=cached``) a sample carries its image's row in the
     feature store instead of pixels, and nothing is decoded; row -1 marks an image that was
     unreadable at extraction, skipped like an unreadable file.
+
+    A table with several images per question (``image_ids``/``image_paths`` columns, see
+    :mod:`vqa.data.table`) gives samples ``image_ids`` and, per stream in order, ``images`` or
+    ``feature_rows`` (then [N, K]) instead of ``image``/``feature_row``; a question with any
+    unreadable image is skipped whole. A ``conditioning`` column travels as the sample's
+    ``conditioning`` values (strings or None), which the collator maps to ids.
     """
 
     def __init__(
@@ -57,6 +69,10 @@ class VQADataset(torch.utils.data.Dataset):
             raise ValueError("give exactly one of transform (images) or feature_rows (cached)")
         if feature_rows is not None and len(feature_rows) != len(table):
             raise ValueError(f"table has {len(table)} rows but {len(feature_rows)} feature rows")
+        self.streams = "image_ids" in table.column_names
+        if feature_rows is not None and self.streams != (feature_rows.ndim == 2):
+            raise ValueError("feature_rows are [N, K] for a table with streams, else [N]")
+        self.conditioning = "conditioning" in table.column_names
         self.table, self.encoded, self.transform = table, encoded, transform
         self.annotated, self.on_bad_record = annotated, on_bad_record
         self.feature_rows = feature_rows
@@ -67,15 +83,16 @@ class VQADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def _pixels(self, row: dict[str, Any], shared: dict[int, Any] | None) -> torch.Tensor:
-        """The transformed image of ``row``; with ``shared`` (per batch, by image id), the decode
-        and the deterministic head of the transform are done once per image."""
+    def _pixels(
+        self, image_id: int, load: Callable[[], Image.Image], shared: dict[int, Any] | None
+    ) -> torch.Tensor:
+        """The transformed image ``load`` decodes; with ``shared`` (per batch, by image id), the
+        decode and the deterministic head of the transform are done once per image."""
         if shared is None:
-            return self.transform(row_image(row))
-        image_id = row["image_id"]
+            return self.transform(load())
         if image_id not in shared:
             try:
-                image = row_image(row)
+                image = load()
                 shared[image_id] = image if self._head is None else self._head(image)
             except DataError as err:
                 shared[image_id] = err
@@ -88,16 +105,29 @@ class VQADataset(torch.utils.data.Dataset):
         self, index: int, row: dict[str, Any], shared: dict[int, Any] | None = None
     ) -> dict[str, Any] | None:
         if self.feature_rows is not None:
-            feature_row = int(self.feature_rows[index])
-            if feature_row < 0:
+            if self.streams:
+                feature_rows = [int(r) for r in self.feature_rows[index]]
+                visual: dict[str, Any] = {"feature_rows": feature_rows}
+            else:
+                feature_rows = [int(self.feature_rows[index])]
+                visual = {"feature_row": feature_rows[0]}
+            if min(feature_rows) < 0:
                 log.warning(
                     "skipping question_id=%s: its image was unreadable at feature extraction",
                     row["question_id"],
                 )
                 return None
-            return {"feature_row": feature_row}
+            return visual
         try:
-            return {"image": self._pixels(row, shared)}
+            if self.streams:
+                return {
+                    "images": [
+                        # k=k: each lambda decodes its own stream
+                        self._pixels(image_id, lambda k=k: stream_image(row, k), shared)
+                        for k, image_id in enumerate(row["image_ids"])
+                    ]
+                }
+            return {"image": self._pixels(row["image_id"], lambda: row_image(row), shared)}
         except DataError as err:
             if self.on_bad_record == "error":
                 raise
@@ -145,6 +175,10 @@ class VQADataset(torch.utils.data.Dataset):
             # .get: tables built before the column existed (or by hand) have no families
             "question_family": row.get("question_family"),
         }
+        if self.streams:
+            sample["image_ids"] = tuple(row["image_ids"])
+        if self.conditioning:
+            sample["conditioning"] = tuple(row["conditioning"])
         if self.annotated:
             sample["answers"] = row["answers"]
             sample["target_index"] = encoded["target_index"]
@@ -162,8 +196,10 @@ def _rows(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
 class DistinctImages(torch.utils.data.Dataset):
     """Each distinct image of a split once, the feature extractor's input.
 
-    Item ``i`` is ``(i, pixels)`` for the image shown by table row ``rows[i]``, or ``(i, None)``
-    when that image cannot be decoded and bad records are skipped.
+    Item ``i`` is ``(i, pixels)`` for the image shown by table row ``rows[i]`` (in its stream
+    ``streams[i]`` where questions have several images: :func:`~vqa.data.features.
+    split_images`), or ``(i, None)`` when that image cannot be decoded and bad records are
+    skipped.
     """
 
     def __init__(
@@ -172,16 +208,23 @@ class DistinctImages(torch.utils.data.Dataset):
         rows: np.ndarray,
         transform: Transform,
         on_bad_record: OnBadRecord = "error",
+        streams: np.ndarray | None = None,
     ) -> None:
+        if streams is not None and len(streams) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(streams)} streams")
         self.table, self.rows, self.transform = table, rows, transform
         self.on_bad_record = on_bad_record
+        self.streams = streams
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None]:
         try:
-            return index, self.transform(row_image(self.table[int(self.rows[index])]))
+            row = self.table[int(self.rows[index])]
+            if self.streams is None:
+                return index, self.transform(row_image(row))
+            return index, self.transform(stream_image(row, int(self.streams[index])))
         except DataError as err:
             if self.on_bad_record == "error":
                 raise

@@ -169,27 +169,55 @@ class Manifest:
 @dataclass(frozen=True)
 class SplitImages:
     """The distinct images of a split: sorted ids, the first table row showing each, and a
-    content key (ids, file names and sizes) that changes when the images do."""
+    content key (ids, file names and sizes) that changes when the images do.
+
+    With several images per question (an ``image_ids`` column), every stream's images count,
+    each once, and ``streams`` holds the stream (position in the row's ``image_ids``) of that
+    first row that shows it; None for single-image tables.
+    """
 
     image_ids: np.ndarray
     rows: np.ndarray
     fingerprint: str
+    streams: np.ndarray | None = None
 
 
 def split_images(table: Dataset) -> SplitImages:
     """The distinct images of a split table. File sizes make a regenerated or re-downloaded
     image set differ from the stored one; hub tables (images inside the table, pinned by the
-    hub revision) are keyed by their ids."""
+    hub revision) are keyed by their ids.
+
+    The key depends on the images only, not on how questions use them: a store extracted for
+    the single-image data set of one stream serves ``data.streams=[that stream]`` as well, and
+    one for another set of images is refused."""
+    if "image_ids" in table.column_names:
+        return _stream_images(table)
     ids = np.asarray(column(table, "image_id"), dtype=np.int64)
     image_ids, rows = np.unique(ids, return_index=True)
     digest = hashlib.blake2b(image_ids.tobytes(), digest_size=16)
     if "image_path" in table.column_names:
         paths = column(table, "image_path")
         for row in rows.tolist():
-            path = paths[row]
-            size = os.stat(path).st_size if os.path.exists(path) else -1
-            digest.update(f"{os.path.basename(path)}:{size}\n".encode())
+            _digest_file(digest, paths[row])
     return SplitImages(image_ids, rows, digest.hexdigest())
+
+
+def _stream_images(table: Dataset) -> SplitImages:
+    """:func:`split_images` over every stream of a table with ``image_ids``/``image_paths``."""
+    ids = np.asarray(column(table, "image_ids"), dtype=np.int64)  # [N, K]
+    num_streams = ids.shape[1] if ids.ndim == 2 else 1
+    image_ids, first = np.unique(ids.reshape(-1), return_index=True)  # row-major: row, stream
+    rows, streams = np.divmod(first, num_streams)
+    digest = hashlib.blake2b(image_ids.tobytes(), digest_size=16)
+    paths = column(table, "image_paths")
+    for row, stream in zip(rows.tolist(), streams.tolist(), strict=True):
+        _digest_file(digest, paths[row][stream])
+    return SplitImages(image_ids, rows, digest.hexdigest(), streams)
+
+
+def _digest_file(digest: Any, path: str) -> None:
+    size = os.stat(path).st_size if os.path.exists(path) else -1
+    digest.update(f"{os.path.basename(path)}:{size}\n".encode())
 
 
 def read_manifest(directory: str | Path) -> Manifest | None:
@@ -212,6 +240,17 @@ def require_frozen(encoder: VisualEncoderDescription) -> None:
         raise FeatureStoreError(
             "data.features=cached needs a frozen visual encoder (model.visual.freeze=all): "
             f"{len(trainable)} of its parameters are trainable (e.g. {trainable[0]})"
+        )
+
+
+def require_shared_visual_streams(visual_streams: str) -> None:
+    """Cached maps come from one encoder shared by every stream: refuse one encoder per stream
+    (``model.visual_streams=separate``), whose streams each see other weights."""
+    if visual_streams == "separate":
+        raise FeatureStoreError(
+            "data.features=cached cannot serve model.visual_streams=separate: a feature store "
+            "holds the maps of one frozen encoder, and separate encoders are one per stream. "
+            "Use model.visual_streams=shared, or data.features=images"
         )
 
 

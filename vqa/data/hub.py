@@ -76,7 +76,14 @@ class HubSource:
         """Nothing to do up front: ``load_split`` reads the local caches, or downloads into the
         datasets cache, whose file locks make concurrent ranks wait for one download."""
 
-    def load_split(self, root: Path | None, split: str, bad: BadRecordLog) -> SplitTable:
+    def load_split(
+        self, root: Path | None, split: str, bad: BadRecordLog, **read_options: Any
+    ) -> SplitTable:
+        if read_options:  # data.streams / data.conditioning_fields: the VQA v2 layout only
+            raise ValueError(
+                f"the hub source reads one image per question and no conditioning fields; "
+                f"{sorted(read_options)} need data in the VQA v2 layout (data=vqav2)"
+            )
         hub = self._load(split)
         if self.image_column not in hub.column_names:
             raise DataError(

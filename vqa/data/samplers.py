@@ -8,6 +8,9 @@ Both samplers are a function of (seed, epoch) and can start part-way into an epo
 (``start``: the number of this epoch's indices already trained on), which is how
 :class:`vqa.data.loader.ResumableDataLoader` resumes a run mid-epoch on exactly the batches
 it had not seen.
+
+Questions with several images (``data.streams``) are grouped by their tuple of image ids: the
+questions about one pair of images travel together.
 """
 
 from __future__ import annotations
@@ -20,12 +23,20 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DistributedSampler, Sampler
 
+ImageKey = int | Sequence[int]  # one image id, or a question's image ids (one per stream)
 
-def _image_groups(image_ids: Sequence[int]) -> list[list[int]]:
-    """Question indices per image, images in order of first appearance."""
-    groups: dict[int, list[int]] = defaultdict(list)
+
+def _group_key(image_id: ImageKey) -> int | tuple[int, ...]:
+    if isinstance(image_id, Sequence):
+        return tuple(int(i) for i in image_id)
+    return int(image_id)
+
+
+def _image_groups(image_ids: Sequence[ImageKey]) -> list[list[int]]:
+    """Question indices per image (or tuple of images), in order of first appearance."""
+    groups: dict[int | tuple[int, ...], list[int]] = defaultdict(list)
     for index, image_id in enumerate(image_ids):
-        groups[int(image_id)].append(index)
+        groups[_group_key(image_id)].append(index)
     return list(groups.values())
 
 
@@ -70,7 +81,7 @@ class ImageGroupedSampler(Sampler[int]):
     resumed run sees exactly the data order it would have seen.
     """
 
-    def __init__(self, image_ids: Sequence[int], seed: int = 0) -> None:
+    def __init__(self, image_ids: Sequence[ImageKey], seed: int = 0) -> None:
         self.groups = _image_groups(image_ids)
         self.num_samples = len(image_ids)
         self.seed = seed
@@ -102,7 +113,7 @@ class DistributedImageGroupedSampler(DistributedSampler):
 
     def __init__(
         self,
-        image_ids: Sequence[int],
+        image_ids: Sequence[ImageKey],
         num_replicas: int,
         rank: int,
         shuffle: bool = True,

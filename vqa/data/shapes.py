@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 2
 # Seeds the per-split random streams; kept at 1 so that train2014/val2014 stay those of version 1.
 STREAM_VERSION = 1
+# The manifest's "generator" (not __name__: that is "__main__" under `python -m`, which made
+# manifests written by the CLI differ from those written by the datamodule).
+GENERATOR = "vqa.data.shapes"
 MANIFEST_NAME = "shapes_manifest.json"
 SPLITS = ("train2014", "val2014", "test2015")
 
@@ -70,7 +73,11 @@ EXTENT: dict[str, float] = {"circle": 1.0, "square": 0.85 * math.sqrt(2), "trian
 BACKGROUND = (200, 200, 200)
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
 SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges like a real photo, not aliased steps
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+# Up to the largest count any synthetic set asks (shapes_pair counts over two images).
+NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six",
+    "seven", "eight", "nine", "ten", "eleven", "twelve",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,18 @@ Scene = list[SceneObject]
 # --------------------------------------------------------------------------- scenes and images
 
 
-def _try_place(rng: random.Random, placed: Scene, image_size: int) -> SceneObject | None:
-    """A random object that keeps clear of the border and of every placed object, or None."""
+# Where an object may go beyond the rules every scene keeps: (x, y, extent) -> allowed.
+Placement = Callable[[float, float, float], bool]
+
+
+def _try_place(
+    rng: random.Random, placed: Scene, image_size: int, fits: Placement | None = None
+) -> SceneObject | None:
+    """A random object that keeps clear of the border and of every placed object, or None.
+
+    ``fits`` adds a set's own rule (shapes_prior keeps objects inside one quadrant); it is
+    checked on the same draws, so without it the random stream is that of every version.
+    """
     shape, color, size = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES))
     r = SIZES[size] * image_size
     extent = r * EXTENT[shape]
@@ -137,7 +154,7 @@ def _try_place(rng: random.Random, placed: Scene, image_size: int) -> SceneObjec
     low, high = extent + gap, image_size - extent - gap
     for _ in range(50):
         x, y = round(rng.uniform(low, high), 2), round(rng.uniform(low, high), 2)
-        if all(
+        if (fits is None or fits(x, y, extent)) and all(
             math.hypot(x - o.x, y - o.y) >= extent + o.extent + gap and abs(x - o.x) >= min_dx
             for o in placed
         ):
@@ -145,12 +162,18 @@ def _try_place(rng: random.Random, placed: Scene, image_size: int) -> SceneObjec
     return None
 
 
-def sample_scene(rng: random.Random, image_size: int) -> Scene:
-    """3-6 non-overlapping objects with independent uniform shape, colour and size."""
-    count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+def sample_scene(
+    rng: random.Random,
+    image_size: int,
+    min_objects: int = MIN_OBJECTS,
+    max_objects: int = MAX_OBJECTS,
+    fits: Placement | None = None,
+) -> Scene:
+    """3-6 (or min-max) non-overlapping objects with independent uniform shape, colour, size."""
+    count = rng.randint(min_objects, max_objects)
     while True:  # a crowded draw that cannot fit the last object is redrawn from scratch
         scene: Scene = []
-        while len(scene) < count and (obj := _try_place(rng, scene, image_size)) is not None:
+        while len(scene) < count and (obj := _try_place(rng, scene, image_size, fits)) is not None:
             scene.append(obj)
         if len(scene) == count:
             return scene
@@ -215,7 +238,9 @@ def _count_shape(scene: Scene) -> list[tuple[str, str]]:
     return [(f"how many {s}s are there?", str(counts[s])) for s in SHAPES]
 
 
-def _color_of_shape(scene: Scene) -> list[tuple[str, str]]:
+def color_of_shape(scene: Scene) -> list[tuple[str, str]]:
+    """ "what color is the <shape>?" for each shape that ``scene`` (or any list of objects, such
+    as one quadrant's) holds exactly once."""
     return [
         (f"what color is the {s}?", matches[0].color)
         for s in SHAPES
@@ -223,7 +248,8 @@ def _color_of_shape(scene: Scene) -> list[tuple[str, str]]:
     ]
 
 
-def _shape_of_color(scene: Scene) -> list[tuple[str, str]]:
+def shape_of_color(scene: Scene) -> list[tuple[str, str]]:
+    """ "what shape is the <colour> object?" for each colour ``scene`` holds exactly once."""
     return [
         (f"what shape is the {c} object?", matches[0].shape)
         for c in COLORS
@@ -246,14 +272,23 @@ def _color_beside(scene: Scene) -> list[tuple[str, str]]:
     return out
 
 
+# What a question is keyed by while sampling: its text, or where a set asks one text under
+# several conditions (shapes_prior's quadrants), a tuple that also names the condition.
+QuestionKey = Any
+
+
 @dataclass(frozen=True)
 class Family:
-    """A question template: its VQA question/answer type, candidates per scene, answer space."""
+    """A question template: its VQA question/answer type, candidates per scene, answer space.
+
+    ``candidates`` maps what one item shows (a scene here; a pair of scenes in shapes_pair)
+    to every (question, answer) the family can ask of it.
+    """
 
     name: str
     question_type: str
     answer_type: str
-    candidates: Callable[[Scene], list[tuple[str, str]]]
+    candidates: Callable[[Any], list[tuple[QuestionKey, str]]]
     answers: tuple[str, ...]
 
 
@@ -263,8 +298,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("relation", "is the", "yes/no", _relation, ("yes", "no")),
     Family("count_color", "how many", "number", _count_color, _COUNTS),
     Family("count_shape", "how many", "number", _count_shape, _COUNTS),
-    Family("color_of_shape", "what color is the", "other", _color_of_shape, tuple(COLORS)),
-    Family("shape_of_color", "what shape is the", "other", _shape_of_color, SHAPES),
+    Family("color_of_shape", "what color is the", "other", color_of_shape, tuple(COLORS)),
+    Family("shape_of_color", "what shape is the", "other", shape_of_color, SHAPES),
     Family("color_beside", "what color is the", "other", _color_beside, tuple(COLORS)),
 )
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
@@ -297,7 +332,7 @@ def family_of(question: str) -> str:
 @dataclass(frozen=True)
 class Question:
     family: Family
-    question: str
+    question: QuestionKey
     answer: str
 
 
@@ -307,33 +342,50 @@ class QuestionSampler:
     Greedy: the least-asked family that still has an unasked candidate, then its least-given
     answer that this scene supports. Counts run over a whole split, so "no" follows "yes" and
     a rare count is taken whenever a scene offers it.
+
+    ``spread``: at most this many questions of one family per item while another family still
+    has a candidate there, so a family that few items allow (it lags, so it would be picked
+    every time) is not asked all of an item's questions. None (the default set): no limit.
     """
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        families: tuple[Family, ...] = FAMILIES,
+        spread: int | None = None,
+    ) -> None:
         self.rng = rng
+        self.spread = spread
+        self.families = families
+        self.family_by_name = {f.name: f for f in families}
         self.family_counts: Counter[str] = Counter()
-        self.answer_counts: dict[str, Counter[str]] = {f.name: Counter() for f in FAMILIES}
+        self.answer_counts: dict[str, Counter[str]] = {f.name: Counter() for f in families}
 
     def _least_used(self, options: list[str], counts: Counter[str]) -> str:
         options = sorted(options)
         self.rng.shuffle(options)  # random tie-break among equally used options
         return min(options, key=lambda option: counts[option])
 
-    def sample(self, scene: Scene, n: int) -> list[Question]:
-        pending = {f.name: f.candidates(scene) for f in FAMILIES}
+    def sample(self, scene: Any, n: int) -> list[Question]:
+        pending = {f.name: f.candidates(scene) for f in self.families}
         asked: list[Question] = []
+        per_item: Counter[str] = Counter()
         for _ in range(n):
             open_families = [name for name, cands in pending.items() if cands]
             if not open_families:
                 break
+            if self.spread is not None:
+                spread = [name for name in open_families if per_item[name] < self.spread]
+                open_families = spread or open_families
             name = self._least_used(open_families, self.family_counts)
             cands = pending[name]
             answer = self._least_used(list({a for _, a in cands}), self.answer_counts[name])
             question = self.rng.choice(sorted(q for q, a in cands if a == answer))
             pending[name] = [(q, a) for q, a in cands if q != question]
             self.family_counts[name] += 1
+            per_item[name] += 1
             self.answer_counts[name][answer] += 1
-            asked.append(Question(FAMILY_BY_NAME[name], question, answer))
+            asked.append(Question(self.family_by_name[name], question, answer))
         return asked
 
 
@@ -355,7 +407,7 @@ def _wrong_answers(family: Family, answer: str) -> list[str]:
     """Plausible mistakes: the other yes/no, a neighbouring count, another colour or shape."""
     if family.answer_type == "number":
         n = int(answer)
-        return [str(m) for m in (n - 1, n + 1) if 0 <= m <= MAX_OBJECTS]
+        return [str(m) for m in (n - 1, n + 1) if str(m) in family.answers]
     return [a for a in family.answers if a != answer]
 
 
@@ -392,6 +444,46 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, separators=(",", ":")), encoding="utf-8")
 
 
+def save_image(scene: Scene, image_size: int, path: Path) -> None:
+    """Render ``scene`` to ``path`` as every synthetic set stores its images."""
+    render_scene(scene, image_size).save(path, format="JPEG", quality=90, subsampling=0)
+
+
+def annotation_record(
+    rng: random.Random, question: Question, image_id: int, question_id: int
+) -> dict[str, Any]:
+    """The VQA v2 annotation of one asked question, with its ten simulated human answers."""
+    return {
+        "question_type": question.family.question_type,
+        # The canonical answer is, by construction, the most common normalised one.
+        "multiple_choice_answer": question.answer,
+        "answers": human_answers(rng, question.family, question.answer),
+        "image_id": image_id,
+        "answer_type": question.family.answer_type,
+        "question_id": question_id,
+        # Not in VQA v2: the template, finer than the answer type (see family_of)
+        "question_family": question.family.name,
+    }
+
+
+def write_split_files(
+    root: Path,
+    split: str,
+    info: dict[str, str],
+    questions: list[dict[str, Any]],
+    annotations: list[dict[str, Any]],
+    scenes: dict[str, Any],
+) -> None:
+    """Write a split's questions and annotations (the VQA v2 files) and its scene metadata."""
+    header = {"info": info, "license": _LICENSE, "data_type": "mscoco", "data_subtype": split}
+    _write_json(
+        split_layout(root, split).questions,
+        {**header, "task_type": "Open-Ended", "questions": questions},
+    )
+    _write_json(annotations_path(root, split), {**header, "annotations": annotations})
+    _write_json(scenes_path(root, split), scenes)
+
+
 def _generate_split(
     root: Path, split: str, num_images: int, first_image_id: int, config: ShapesConfig
 ) -> dict[str, int]:
@@ -404,33 +496,20 @@ def _generate_split(
     questions, annotations, scenes = [], [], []
     for image_id in range(first_image_id, first_image_id + num_images):
         scene = sample_scene(rng, config.image_size)
-        render_scene(scene, config.image_size).save(
-            layout.image_path(image_id), format="JPEG", quality=90, subsampling=0
-        )
+        save_image(scene, config.image_size, layout.image_path(image_id))
         scenes.append({"image_id": image_id, "objects": [asdict(o) for o in scene]})
         for k, q in enumerate(sampler.sample(scene, config.questions_per_image)):
             question_id = image_id * 1000 + k  # the VQA v2 convention
             questions.append(
                 {"image_id": image_id, "question": q.question, "question_id": question_id}
             )
-            annotations.append(
-                {
-                    "question_type": q.family.question_type,
-                    # The canonical answer is, by construction, the most common normalised one.
-                    "multiple_choice_answer": q.answer,
-                    "answers": human_answers(rng, q.family, q.answer),
-                    "image_id": image_id,
-                    "answer_type": q.family.answer_type,
-                    "question_id": question_id,
-                    # Not in VQA v2: the template, finer than the answer type (see family_of)
-                    "question_family": q.family.name,
-                }
-            )
-    header = {"info": _INFO, "license": _LICENSE, "data_type": "mscoco", "data_subtype": split}
-    _write_json(layout.questions, {**header, "task_type": "Open-Ended", "questions": questions})
-    _write_json(annotations_path(root, split), {**header, "annotations": annotations})
-    _write_json(
-        scenes_path(root, split),
+            annotations.append(annotation_record(rng, q, image_id, question_id))
+    write_split_files(
+        root,
+        split,
+        _INFO,
+        questions,
+        annotations,
         {"data_subtype": split, "image_size": config.image_size, "scenes": scenes},
     )
     return {"images": num_images, "questions": len(questions)}
@@ -441,6 +520,24 @@ def scenes_path(root: str | Path, split: str) -> Path:
     return Path(root) / "Scenes" / f"shapes_{split}_scenes.json"
 
 
+@dataclass(frozen=True)
+class SetGenerator:
+    """One synthetic set's writer, as :func:`generate`, :func:`is_current` and the CLI use it.
+
+    ``write_split(root, split, num_items, first_item, config)`` writes a split's files and
+    returns its counts; items are numbered on across the splits from 1, so image ids never
+    repeat between splits. ``name`` (the module) and ``version`` are recorded in the manifest:
+    a set made by another generator or version is stale.
+    """
+
+    name: str
+    version: int
+    write_split: Callable[[Path, str, int, int, ShapesConfig], dict[str, int]]
+
+
+SHAPES_SET = SetGenerator(GENERATOR, GENERATOR_VERSION, _generate_split)
+
+
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
     path = Path(root) / MANIFEST_NAME
     try:
@@ -449,17 +546,22 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def is_current(root: str | Path, config: ShapesConfig) -> bool:
+def is_current(
+    root: str | Path, config: ShapesConfig, generator: SetGenerator = SHAPES_SET
+) -> bool:
     """Whether ``root`` holds a complete set made by this generator version with ``config``."""
     manifest = read_manifest(root)
     return (
         manifest is not None
-        and manifest.get("version") == GENERATOR_VERSION
+        and manifest.get("generator") == generator.name
+        and manifest.get("version") == generator.version
         and manifest.get("config") == asdict(config)
     )
 
 
-def generate(root: str | Path, config: ShapesConfig) -> dict[str, Any]:
+def generate(
+    root: str | Path, config: ShapesConfig, generator: SetGenerator = SHAPES_SET
+) -> dict[str, Any]:
     """Write the set to ``root`` (replacing a previous synthetic set there); return its manifest.
 
     Built in a sibling temporary folder and moved into place at the end, so an interrupted run
@@ -474,13 +576,13 @@ def generate(root: str | Path, config: ShapesConfig) -> dict[str, Any]:
         )
     tmp = root.with_name(f".{root.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    splits, next_image_id = {}, 1
-    for split, num_images in config.split_sizes().items():
-        splits[split] = _generate_split(tmp, split, num_images, next_image_id, config)
-        next_image_id += num_images
+    splits, next_item = {}, 1
+    for split, num_items in config.split_sizes().items():
+        splits[split] = generator.write_split(tmp, split, num_items, next_item, config)
+        next_item += num_items
     manifest = {
-        "generator": __name__,
-        "version": GENERATOR_VERSION,
+        "generator": generator.name,
+        "version": generator.version,
         "config": asdict(config),
         "splits": splits,
     }
@@ -491,15 +593,18 @@ def generate(root: str | Path, config: ShapesConfig) -> dict[str, Any]:
     return manifest
 
 
-def ensure_generated(root: str | Path, config: ShapesConfig) -> bool:
+def ensure_generated(
+    root: str | Path, config: ShapesConfig, generator: SetGenerator = SHAPES_SET
+) -> bool:
     """Generate the set unless an up-to-date one is already there; True if it generated."""
-    if is_current(root, config):
+    if is_current(root, config, generator):
         return False
     start = time.perf_counter()
-    manifest = generate(root, config)
+    manifest = generate(root, config, generator)
     total = sum(s["questions"] for s in manifest["splits"].values())
     log.info(
-        "generated synthetic shapes set in %s: %d questions in %.1f s",
+        "generated synthetic set (%s) in %s: %d questions in %.1f s",
+        generator.name,
         root,
         total,
         time.perf_counter() - start,
@@ -514,8 +619,9 @@ def iter_scenes(root: str | Path, split: str) -> Iterator[tuple[int, Scene]]:
         yield item["image_id"], [SceneObject(**o) for o in item["objects"]]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_cli(argv: list[str] | None, generator: SetGenerator, description: str) -> None:
+    """``python -m <generator module> --out DIR [--seed N ...]``: write the set unless current."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True, help="data root to write")
     for f in fields(ShapesConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
@@ -523,11 +629,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = ShapesConfig(**{f.name: getattr(args, f.name) for f in fields(ShapesConfig)})
     start = time.perf_counter()
-    if args.force or not is_current(args.out, config):
-        manifest = generate(args.out, config)
+    if args.force or not is_current(args.out, config, generator):
+        manifest = generate(args.out, config, generator)
         print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s: {manifest['splits']}")
     else:
         print(f"{args.out} is up to date ({MANIFEST_NAME} matches); use --force to regenerate")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(argv, SHAPES_SET, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

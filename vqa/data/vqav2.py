@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,14 @@ from datasets import Dataset
 
 from vqa.data.errors import BadRecordLog, DataError
 from vqa.data.layout import split_layout
-from vqa.data.table import FEATURES, SplitTable, build_row, is_int
+from vqa.data.table import (
+    FEATURES,
+    SplitTable,
+    build_row,
+    check_names,
+    is_int,
+    table_features,
+)
 
 LOADER_VERSION = "1"
 
@@ -83,9 +91,23 @@ def _index_annotations(path: Path, bad: BadRecordLog) -> dict[int, Any]:
     return index
 
 
-def load_vqav2_split(root: str | Path, split: str, bad: BadRecordLog | None = None) -> SplitTable:
-    """Join, validate and tabulate ``split`` (train2014, val2014, test-dev2015, test2015)."""
+def load_vqav2_split(
+    root: str | Path,
+    split: str,
+    bad: BadRecordLog | None = None,
+    *,
+    streams: Sequence[str] | None = None,
+    conditioning_fields: Sequence[str] | None = None,
+) -> SplitTable:
+    """Join, validate and tabulate ``split`` (train2014, val2014, test-dev2015, test2015).
+
+    ``streams``: read each question's ``image_ids`` of these streams (several images per
+    question; every one must name an existing image file); ``conditioning_fields``: read these
+    question-record keys as categorical labels. See :mod:`vqa.data.table` for the columns.
+    """
     bad = bad if bad is not None else BadRecordLog("error")
+    streams = check_names(streams, "streams")
+    conditioning_fields = check_names(conditioning_fields, "conditioning_fields")
     layout = split_layout(Path(root).resolve(), split)  # absolute image paths, resolved once
     questions = read_records(layout.questions, "questions")
     annotated = layout.annotations is not None
@@ -97,7 +119,25 @@ def load_vqav2_split(root: str | Path, split: str, bad: BadRecordLog | None = No
     image_exists: dict[int, bool] = {}
     seen: set[int] = set()
     # A content key over everything kept, so derived caches follow edits and skip decisions.
-    digest = hashlib.blake2b(f"{LOADER_VERSION}|{split}".encode(), digest_size=16)
+    header = f"{LOADER_VERSION}|{split}"
+    if streams is not None or conditioning_fields is not None:  # else: as before they existed
+        header += f"|streams={streams}|conditioning={conditioning_fields}"
+    digest = hashlib.blake2b(header.encode(), digest_size=16)
+
+    def image_path(image_id: int, qid: int | None) -> str:
+        path = layout.image_path(image_id)
+        if image_id not in image_exists:
+            image_exists[image_id] = os.path.isfile(path)
+        if not image_exists[image_id]:
+            raise DataError(
+                "image file not found",
+                file=path,
+                question_id=qid,
+                field="image_path",
+                reason="missing_image",
+            )
+        return str(path)
+
     for record in questions:
         qid = record.get("question_id") if isinstance(record, dict) else None
         qid = qid if is_int(qid) else None
@@ -118,22 +158,16 @@ def load_vqav2_split(root: str | Path, split: str, bad: BadRecordLog | None = No
                 annotated=annotated,
                 questions_file=layout.questions,
                 annotations_file=layout.annotations,
+                streams=streams,
+                conditioning_fields=conditioning_fields,
             )
-            path = layout.image_path(row["image_id"])
-            if row["image_id"] not in image_exists:
-                image_exists[row["image_id"]] = os.path.isfile(path)
-            if not image_exists[row["image_id"]]:
-                raise DataError(
-                    "image file not found",
-                    file=path,
-                    question_id=qid,
-                    field="image_path",
-                    reason="missing_image",
-                )
+            path = image_path(row["image_id"], qid)
+            if streams is not None:
+                row["image_paths"] = [image_path(i, qid) for i in row["image_ids"]]
         except DataError as err:
             bad.handle(err)
             continue
-        row["image_path"] = str(path)
+        row["image_path"] = path
         for key, value in row.items():
             columns[key].append(value)
         digest.update(repr(sorted(row.items())).encode())
@@ -148,6 +182,9 @@ def load_vqav2_split(root: str | Path, split: str, bad: BadRecordLog | None = No
             )
         )
 
-    table = Dataset.from_dict({name: columns[name] for name in FEATURES}, features=FEATURES)
+    features = table_features(
+        FEATURES, streams=streams is not None, conditioning=conditioning_fields is not None
+    )
+    table = Dataset.from_dict({name: columns[name] for name in features}, features=features)
     bad.report(f"{layout.questions.parent.parent} {split}")
     return SplitTable(split=split, table=table, annotated=annotated, fingerprint=digest.hexdigest())

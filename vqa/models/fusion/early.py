@@ -29,6 +29,7 @@ class EarlyFusion(SingleStageFusion):
         positional: bool = True,
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
+        grid_stride: int = 1,
     ) -> None:
         if op not in OPS:
             raise ValueError(f"op={op!r} must be one of {OPS}")
@@ -39,6 +40,7 @@ class EarlyFusion(SingleStageFusion):
             positional=positional,
             spatial_constraint=spatial_constraint,
             grid_norm=grid_norm,
+            grid_stride=grid_stride,
         )
         self.op = op
 

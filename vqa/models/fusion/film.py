@@ -13,6 +13,9 @@ then
   survives (a mean or a softmax would normalise the count away), and optionally
 * read by ``glimpses`` softmax attentions over the conditioned cells ("which object").
 
+``grid_stride`` s > 1 makes each s x s patch of the stage map one cell, read by a trained conv,
+as the co-attention blocks' option of that name does (a finer map, the same grid).
+
 Cells are a 1x1 conv + BatchNorm + ReLU of the last stage plus an embedding of the cell's box;
 the question is the mean of its real words, projected, then (``question_norm: batch``)
 batch-normalised. A randomly initialised BERT's mean-pooled questions are nearly all one shared
@@ -65,6 +68,7 @@ class FiLMFusion(FusionBlock):
         attention_dropout: float = 0.1,
         positional: bool = True,
         question_norm: str = "batch",
+        grid_stride: int = 1,
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if glimpses < 0:
@@ -73,9 +77,15 @@ class FiLMFusion(FusionBlock):
             raise ValueError(
                 f"hidden_dim must be even (cells are hidden_dim/2 wide), got {hidden_dim}"
             )
+        if grid_stride < 1:
+            raise ValueError(f"grid_stride={grid_stride} must be >= 1")
         dim = hidden_dim // 2
+        # Stride s: each s x s patch of a finer cached map is one cell, read by a trained conv
+        # that sees the shape of what lies in it (1: a per-cell projection, as always).
         self.cell_proj = nn.Sequential(
-            nn.Conv2d(self.visual_channels[-1], dim, 1), SafeBatchNorm2d(dim), nn.ReLU()
+            nn.Conv2d(self.visual_channels[-1], dim, grid_stride, stride=grid_stride),
+            SafeBatchNorm2d(dim),
+            nn.ReLU(),
         )
         self.position = nn.Linear(4, dim) if positional else None
         self.conditioning = ConditionedCells(dim, self.text_dim, hidden_dim, question_norm)
@@ -91,9 +101,8 @@ class FiLMFusion(FusionBlock):
         """Per image: the cells [U, H, W, D] and their share of the MLP's first layer
         [U, H, W, hidden] (that layer is linear in [cell, question, cell * question], so the
         cell's term is computed once per image, not once per question)."""
-        feature_map = visual[-1]
-        height, width = feature_map.shape[-2:]
-        cells = self.cell_proj(feature_map).permute(0, 2, 3, 1)
+        cells = self.cell_proj(visual[-1]).permute(0, 2, 3, 1)
+        height, width = cells.shape[1:3]
         if self.position is not None:
             boxes = grid_boxes(height, width, device=cells.device, dtype=cells.dtype)
             cells = cells + self.position(boxes).view(height, width, -1)

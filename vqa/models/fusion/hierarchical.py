@@ -76,6 +76,7 @@ class HierarchicalCoAttention(SingleStageFusion):
         positional: bool = True,
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
+        grid_stride: int = 1,
     ) -> None:
         if mode not in COATTENTIONS:
             raise ValueError(f"mode must be one of {sorted(COATTENTIONS)}, got {mode!r}")
@@ -88,6 +89,7 @@ class HierarchicalCoAttention(SingleStageFusion):
             positional=positional,
             spatial_constraint=spatial_constraint,
             grid_norm=grid_norm,
+            grid_stride=grid_stride,
         )
         self.ngrams = nn.ModuleList(nn.Conv1d(hidden_dim, hidden_dim, w) for w in NGRAM_WIDTHS)
         self.sentence_rnn = nn.LSTM(hidden_dim, hidden_dim, batch_first=True)
