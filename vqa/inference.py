@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from vqa.checkpoint import TrainedModel, load_checkpoint
 from vqa.data.batch import VQABatch
-from vqa.data.collate import UNKNOWN_CONDITIONING, conditioning_index
+from vqa.data.collate import conditioning_ids, conditioning_index
 from vqa.data.errors import DataError
 from vqa.data.images import load_rgb, to_rgb
 from vqa.data.preprocess import ConditioningInput, ImageInput, Preprocessor
@@ -510,11 +510,7 @@ class Predictor:
         if values is None or vocab is None:
             return None
         index = list(conditioning_index(vocab).values())
-        ids = [
-            [known.get(v, UNKNOWN_CONDITIONING) for known, v in zip(index, row, strict=True)]
-            for row in values
-        ]
-        return torch.tensor(ids, dtype=torch.long, device=self.device).view(len(ids), len(index))
+        return conditioning_ids(index, values).to(self.device)
 
     def encode(
         self,

@@ -55,6 +55,19 @@ def unknown_conditioning_values(
     }
 
 
+def conditioning_ids(
+    index: Sequence[Mapping[str, int]], values: Sequence[Sequence[str | None]]
+) -> Tensor:
+    """[len(values), F] long: each question's value per field mapped by ``index`` (one value ->
+    id mapping per field, :func:`conditioning_index`), 0 (the unknown) for None or an unseen
+    value. The one mapping of labels to ids: the collator's and the Predictor's."""
+    ids = [
+        [known.get(v, UNKNOWN_CONDITIONING) for known, v in zip(index, row, strict=True)]
+        for row in values
+    ]
+    return torch.tensor(ids, dtype=torch.long).view(len(ids), len(index))
+
+
 @dataclass(frozen=True)
 class StaticShapes:
     """The sizes every batch is padded to: ``questions`` rows (B), distinct ``images`` rows (U),
@@ -144,18 +157,13 @@ class VQACollator:
 
     def _conditioning_ids(self, kept: list[dict[str, Any]]) -> Tensor:
         index = self._conditioning_index
-        rows = []
         for s in kept:
-            values = s["conditioning"]
-            if len(values) != len(index):
+            if len(s["conditioning"]) != len(index):
                 raise ValueError(
-                    f"a sample has {len(values)} conditioning values but the vocabulary "
-                    f"{len(index)} fields ({list(self.conditioning_vocab or {})})"
+                    f"a sample has {len(s['conditioning'])} conditioning values but the "
+                    f"vocabulary {len(index)} fields ({list(self.conditioning_vocab or {})})"
                 )
-            rows.append(
-                [known.get(v, UNKNOWN_CONDITIONING) for known, v in zip(index, values, strict=True)]
-            )
-        return torch.tensor(rows, dtype=torch.long).view(len(kept), len(index))
+        return conditioning_ids(index, [s["conditioning"] for s in kept])
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> VQABatch:
         kept = [s for s in samples if s is not None]  # None: skipped unreadable image (logged)
