@@ -337,6 +337,93 @@ def test_a_shared_stream_fusion_is_one_block_run_on_every_stream(combiner: str) 
         build(streams=STREAMS, stream_fusion="tied")
 
 
+class Recording(nn.Module):
+    """A combiner that keeps the stream features [B, K, D] it is given and passes stream 0 on."""
+
+    def __init__(self, in_features: int, num_streams: int) -> None:
+        super().__init__()
+        self.out_dim = in_features
+        self.seen: Tensor | None = None
+
+    def forward(self, features: Tensor) -> Tensor:
+        self.seen = features
+        return features[:, 0]
+
+
+def same_image_in_both_streams(inputs: dict[str, Any]) -> dict[str, Any]:
+    index = inputs["image_index"][:, :1].repeat(1, len(STREAMS))
+    return {**inputs, "image_index": index}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_stream_embedding_tells_a_shared_block_which_image_it_reads(training: bool) -> None:
+    """With the same image in both streams, a shared block gives both streams the same features
+    unless each stream's question tokens carry its embedding. Film batch-normalises the pooled
+    question: in training, a per-stream call would subtract the embedding again; the streams
+    are fused in one stacked call, so it stays."""
+    inputs = same_image_in_both_streams(pair_inputs())
+    streams_features = {}
+    for embedding in (False, True):
+        model = build(
+            "film",
+            streams=STREAMS,
+            combiner=Recording,
+            stream_fusion="shared",
+            stream_embedding=embedding,
+        ).train(training)
+        with torch.no_grad():
+            model(**inputs)
+        streams_features[embedding] = model.fusion.combiner.seen
+    plain, tagged = streams_features[False], streams_features[True]
+    torch.testing.assert_close(plain[:, 0], plain[:, 1], rtol=0, atol=1e-6)
+    assert (tagged[:, 0] - tagged[:, 1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("fusion", ["film", "parallel"])
+def test_a_shared_block_runs_every_stream_at_once_as_it_would_one_by_one(fusion: str) -> None:
+    """The stacked call (one ``prepare_visual`` over the batch's images, one ``fuse`` over every
+    stream's questions) gives each stream what the block gives it alone, with its embedding."""
+    model = build(fusion, streams=STREAMS, stream_fusion="shared", stream_embedding=True)
+    inputs = pair_inputs()
+    block = model.fusion.blocks[0]
+    with torch.no_grad():
+        text = model.text(inputs["input_ids"], inputs["attention_mask"])
+        mask = inputs["attention_mask"].bool()
+        outputs = [
+            block(
+                [
+                    stage.index_select(0, inputs["image_index"][:, k])
+                    for stage in inputs["visual_features"]
+                ],
+                model.fusion.stream_text(text, k),
+                mask,
+            )
+            for k in range(len(STREAMS))
+        ]
+        expected = model.head(model.fusion.combine(outputs).features)
+        got = model(**inputs)
+    torch.testing.assert_close(got.logits, expected, rtol=0, atol=ATOL)
+    for k, stream in enumerate(STREAMS):
+        for key, att in outputs[k].attention.items():
+            torch.testing.assert_close(
+                got.attention[stream_key(key, stream)], att, rtol=0, atol=ATOL
+            )
+
+
+def test_the_stream_embedding_is_on_by_default_and_off_for_older_checkpoints() -> None:
+    """train.yaml turns it on; a checkpoint recorded before the option existed has no
+    ``stream_embedding`` in its model config and builds without one (its weights have none)."""
+    assert compose_config("train").model.stream_embedding is True
+    older = build(streams=STREAMS, stream_fusion="shared")
+    assert older.fusion.stream_embedding is None
+    assert not any(key.startswith("fusion.stream_embedding") for key in older.state_dict())
+    tagged = build(streams=STREAMS, stream_fusion="shared", stream_embedding=True)
+    embedding = tagged.fusion.stream_embedding.embedding
+    assert embedding.weight.shape == (len(STREAMS), TEXT_CONFIG["hidden_size"])
+    with pytest.raises(CheckpointError, match="other visual streams"):
+        load_weights(tagged, older.state_dict(), "older.ckpt")
+
+
 @pytest.mark.parametrize("combiner", [ConcatCombiner, AttentionCombiner])
 def test_combiners_keep_the_order_of_the_streams(combiner: type[nn.Module]) -> None:
     torch.manual_seed(0)
@@ -373,14 +460,17 @@ def test_a_dropped_image_drops_every_stream_of_its_question() -> None:
     torch.testing.assert_close(dropped[[0, 2]], plain[[0, 2]])
 
 
+@pytest.mark.parametrize("stream_fusion", ["separate", "shared"])
 @pytest.mark.parametrize("inject", ["visual", "question"])
-def test_every_parameter_of_a_streams_model_takes_part(inject: str) -> None:
+def test_every_parameter_of_a_streams_model_takes_part(inject: str, stream_fusion: str) -> None:
     """DDP (without find_unused_parameters) needs every parameter in every step's graph."""
     model = build(
         streams=STREAMS,
         combiner="attention",
         conditioning={"quadrant": 4},
         conditioning_inject=inject,
+        stream_fusion=stream_fusion,
+        stream_embedding=True,
     ).train()
     keep = torch.zeros(len(LENGTHS), dtype=torch.bool)
     ids = torch.tensor([[1], [0], [3]])

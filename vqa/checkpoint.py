@@ -35,7 +35,13 @@ MODEL_TARGET_PREFIX = "vqa.models."
 DATA_TARGET_PREFIX = "vqa.data."
 MAX_KEYS_SHOWN = 4
 # Key prefixes that only a model with visual streams or conditioning fields has.
-STREAM_AND_CONDITIONING_KEYS = ("conditioning.", "fusion.blocks.", "fusion.combiner.", "visual.0.")
+STREAM_AND_CONDITIONING_KEYS = (
+    "conditioning.",
+    "fusion.blocks.",
+    "fusion.combiner.",
+    "fusion.stream_embedding.",
+    "visual.0.",
+)
 # Data config keys of older checkpoints that the datamodule no longer takes: the tokenizer was
 # named there, and is now chosen by the text encoder's config (and travels in the checkpoint).
 RETIRED_DATA_KEYS = ("tokenizer_name",)

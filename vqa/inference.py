@@ -642,13 +642,16 @@ class Predictor:
         text = model.text(input_ids, mask)
         if condition is not None and model.conditioning_inject == "question":
             text = film(text, condition)
-        outputs = []
+        prepared = []
         for k, (block, parts) in enumerate(zip(model.fusion_blocks(), features, strict=True)):
             rows = [part.index_select(0, image_index[:, k]) for part in parts]
             if self._conditions_maps:
                 rows = list(block.prepare_visual(add_to_maps(rows, condition)))
-            outputs.append(block.fuse(rows, text, mask.bool()))
-        fused = outputs[0] if len(outputs) == 1 else model.fusion.combine(outputs)
+            prepared.append(rows)
+        if model.num_streams == 1:
+            fused = model.fusion.fuse(prepared[0], text, mask.bool())
+        else:
+            fused = model.fusion(prepared, text, mask.bool())
         return VQAOutput(logits=model.head(fused.features), attention=fused.attention)
 
     @torch.inference_mode()

@@ -69,7 +69,8 @@ class VQAModel(nn.Module):
     stream runs a block from the ``fusion`` partial (its own, or with ``stream_fusion="shared"``
     one block all streams run) and ``combiner`` (a partial, built with
     ``in_features``/``num_streams``) merges their features for the head (``fusion`` is then a
-    :class:`~vqa.models.streams.StreamFusion`); ``visual_streams="separate"`` gives each stream
+    :class:`~vqa.models.streams.StreamFusion`); ``stream_embedding`` adds a learned vector per
+    stream to the question tokens its block reads; ``visual_streams="separate"`` gives each stream
     its own copy of ``visual`` (``visual`` is then a
     :class:`~vqa.models.streams.StreamEncoders`). ``drop_image`` drops every stream of a
     question. One stream is the single-image model.
@@ -97,6 +98,7 @@ class VQAModel(nn.Module):
         streams: Sequence[str] | None = None,
         visual_streams: str = "shared",
         stream_fusion: str = "separate",
+        stream_embedding: bool = False,
         combiner: Callable[..., nn.Module] | None = None,
         conditioning: Mapping[str, int] | None = None,
         conditioning_inject: str = "visual",
@@ -135,7 +137,12 @@ class VQAModel(nn.Module):
                 for _ in (self.streams if stream_fusion == "separate" else self.streams[:1])
             ]
             merge = combiner(in_features=blocks[0].out_dim, num_streams=self.num_streams)
-            self.fusion = StreamFusion(blocks, merge, self.streams)
+            self.fusion = StreamFusion(
+                blocks,
+                merge,
+                self.streams,
+                text_dim=self.text.hidden_size if stream_embedding else None,
+            )
         self.head = head(in_features=self.fusion.out_dim, num_answers=num_answers)
         # One vector as wide as the widest stage; stage s uses its first C_s entries. Separate
         # per-stage parameters would leave those of stages a single-scale fusion never reads
@@ -210,21 +217,36 @@ class VQAModel(nn.Module):
         if drop_image is not None:
             # The null image is one more row, which dropped questions point to.
             encoded = [self._with_null_image(visual) for visual in encoded]
-        if len(encoded) != self.num_streams:
-            encoded = encoded * self.num_streams
 
-        prepared = [
-            self._prepare_stream(
-                block,
-                visual,
-                image_index if image_index is None or self.num_streams == 1 else image_index[:, k],
-                drop_image,
-                condition,
+        stacked = isinstance(self.fusion, StreamFusion) and self.fusion.shared and len(encoded) == 1
+        if stacked:
+            # One shared block, one encoder: every stream's questions in one stream-major batch,
+            # so the block prepares each distinct image once and fuses once.
+            repeat = self.num_streams
+            prepared = self._prepare_stream(
+                self.fusion.blocks[0],
+                encoded[0],
+                image_index.T.reshape(-1),
+                None if drop_image is None else drop_image.repeat(repeat),
+                None if condition is None else condition.repeat(repeat, 1),
                 image_valid,
-                question_valid,
+                None if question_valid is None else question_valid.repeat(repeat),
             )
-            for k, (block, visual) in enumerate(zip(self.fusion_blocks(), encoded, strict=True))
-        ]
+        else:
+            if len(encoded) != self.num_streams:
+                encoded = encoded * self.num_streams
+            prepared = [
+                self._prepare_stream(
+                    block,
+                    visual,
+                    image_index if self.num_streams == 1 else image_index[:, k],
+                    drop_image,
+                    condition,
+                    image_valid,
+                    question_valid,
+                )
+                for k, (block, visual) in enumerate(zip(self.fusion_blocks(), encoded, strict=True))
+            ]
 
         with padding_rows(question_valid):
             text = self.text(input_ids, attention_mask)
@@ -241,11 +263,12 @@ class VQAModel(nn.Module):
             text = film(text, condition)
 
         with padding_rows(question_valid):
-            outputs = [
-                block.fuse(parts, text, mask)
-                for block, parts in zip(self.fusion_blocks(), prepared, strict=True)
-            ]
-            fused = outputs[0] if self.num_streams == 1 else self.fusion.combine(outputs)
+            if stacked:
+                fused = self.fusion.fuse_stacked(prepared, text, mask, question_valid)
+            elif self.num_streams == 1:
+                fused = self.fusion.fuse(prepared[0], text, mask)
+            else:
+                fused = self.fusion(prepared, text, mask, question_valid)
             logits = self.head(fused.features)
         return VQAOutput(logits=logits, attention=fused.attention)
 
