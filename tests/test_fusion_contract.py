@@ -40,7 +40,7 @@ VARIANTS = {
     "early": [{"op": "sum"}],
     "alternating": [{"steps": 1}, {"steps": 3}, CONDITIONED],
     "multihead": [CONDITIONED],
-    "film": [{"glimpses": 2}],
+    "film": [{"glimpses": 2}, {"question_glimpses": 2}],
 }
 
 

@@ -371,18 +371,29 @@ class ConditionedCells(nn.Module):
     """
 
     def __init__(
-        self, cell_dim: int, question_dim: int, hidden_dim: int, question_norm: str = "batch"
+        self,
+        cell_dim: int,
+        question_dim: int,
+        hidden_dim: int,
+        question_norm: str = "batch",
+        question_glimpses: int = 0,
     ) -> None:
         super().__init__()
         if question_norm not in QUESTION_NORMS:
             raise ValueError(f"question_norm={question_norm!r} must be one of {QUESTION_NORMS}")
-        self.question = nn.Linear(question_dim, cell_dim)
+        if question_glimpses < 0:
+            raise ValueError(f"question_glimpses must be >= 0, got {question_glimpses}")
+        self.question = nn.Linear(question_dim * max(1, question_glimpses), cell_dim)
         self.norm = SafeBatchNorm1d(cell_dim) if question_norm == "batch" else nn.Identity()
         self.mlp = nn.Sequential(
             nn.Linear(3 * cell_dim, hidden_dim),
             nn.ReLU(),
             nn.Linear(hidden_dim, hidden_dim),
             nn.ReLU(),
+        )
+        # Created last: without glimpses the parameters are drawn as before the option existed.
+        self.word_score = (
+            nn.Linear(question_dim, question_glimpses, bias=False) if question_glimpses else None
         )
 
     def cell_term(self, cells: Tensor) -> Tensor:
@@ -391,7 +402,24 @@ class ConditionedCells(nn.Module):
 
     def pooled_question(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """q [B, cell_dim] from the question tokens [B, N, question_dim] (padding zeroed)."""
-        return self.norm(self.question(masked_mean(tokens, mask)))
+        return self.question_and_weights(tokens, mask)[0]
+
+    def question_and_weights(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """q [B, cell_dim], read from the mean of the real tokens or, with ``question_glimpses``
+        G, from G word-attention glimpses concatenated, and the weight of each word [B, N] (the
+        glimpses' mean; uniform over the real words without). A mean has one slot for both "the
+        red circle" and "the blue square" of "is the red circle left of the blue square?"; a
+        glimpse can take each."""
+        pooled, weights = self._pool_words(tokens, mask)
+        return self.norm(self.question(pooled)), weights
+
+    def _pool_words(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        real = mask.to(tokens.dtype)
+        if self.word_score is None:
+            return masked_mean(tokens, mask), real / real.sum(1, keepdim=True).clamp_min(1.0)
+        scores = self.word_score(tokens).masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        weights = torch.softmax(scores, dim=1)  # [B, N, G]
+        return (weights.transpose(1, 2) @ tokens).flatten(1), weights.mean(-1)
 
     def forward(self, cells: Tensor, cell_term: Tensor, question: Tensor) -> Tensor:
         """cells [B, M, cell_dim] with their ``cell_term`` [B, M, hidden], q [B, cell_dim] ->

@@ -69,6 +69,7 @@ class FiLMFusion(FusionBlock):
         positional: bool = True,
         question_norm: str = "batch",
         grid_stride: int = 1,
+        question_glimpses: int = 0,
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if glimpses < 0:
@@ -88,7 +89,9 @@ class FiLMFusion(FusionBlock):
             nn.ReLU(),
         )
         self.position = nn.Linear(4, dim) if positional else None
-        self.conditioning = ConditionedCells(dim, self.text_dim, hidden_dim, question_norm)
+        self.conditioning = ConditionedCells(
+            dim, self.text_dim, hidden_dim, question_norm, question_glimpses
+        )
         # No bias: a shift of the scores is lost in the softmax over cells.
         self.glimpse_score = nn.Linear(hidden_dim, glimpses, bias=False) if glimpses else None
         self.dropout = nn.Dropout(attention_dropout)
@@ -114,7 +117,7 @@ class FiLMFusion(FusionBlock):
         cells, cell_term = cells.flatten(1, 2), cell_term.flatten(1, 2)  # [B, M, D], [B, M, H]
         mask = text_mask.bool()
         # Zeroing padding keeps junk (even inf/nan) out of the mean.
-        question = self.conditioning.pooled_question(
+        question, question_att = self.conditioning.question_and_weights(
             text.masked_fill(~mask.unsqueeze(-1), 0.0), mask
         )
         conditioned = self.conditioning(cells, cell_term, question)  # [B, M, H]
@@ -128,11 +131,10 @@ class FiLMFusion(FusionBlock):
             glimpses = self.dropout(cell_weights).transpose(1, 2) @ conditioned  # [B, G, H]
             parts.append(glimpses.flatten(1))
             image_att = cell_weights.mean(dim=-1)
-        real = mask.to(cells.dtype)
         return FusionOutput(
             features=torch.cat(parts, dim=-1),
             attention={
                 "image": image_att.unflatten(-1, (height, width)),
-                "question": real / real.sum(dim=1, keepdim=True).clamp_min(1.0),
+                "question": question_att,
             },
         )
