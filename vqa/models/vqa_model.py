@@ -69,11 +69,11 @@ class VQAModel(nn.Module):
     stream runs a block from the ``fusion`` partial (its own, or with ``stream_fusion="shared"``
     one block all streams run) and ``combiner`` (a partial, built with
     ``in_features``/``num_streams``) merges their features for the head (``fusion`` is then a
-    :class:`~vqa.models.streams.StreamFusion`); ``stream_embedding`` adds a learned vector per
-    stream to the question tokens its block reads; ``visual_streams="separate"`` gives each stream
-    its own copy of ``visual`` (``visual`` is then a
-    :class:`~vqa.models.streams.StreamEncoders`). ``drop_image`` drops every stream of a
-    question. One stream is the single-image model.
+    :class:`~vqa.models.streams.StreamFusion`); ``stream_embedding`` tells each stream's block
+    which stream it reads (:class:`~vqa.models.streams.StreamEmbedding` on its question
+    tokens); ``visual_streams="separate"`` gives each stream its own copy of ``visual``
+    (``visual`` is then a :class:`~vqa.models.streams.StreamEncoders`). ``drop_image`` drops
+    every stream of a question. One stream is the single-image model.
 
     ``conditioning`` (field -> number of known values) adds one learned vector per question,
     the sum of its fields' embeddings (``conditioning_ids`` [B, F], 0 = unknown), injected by
