@@ -560,7 +560,7 @@ class Predictor:
             return f"{digest}/maps" + (f"/{stream}" if separate else "")
         if self.model.num_streams == 1:
             return digest
-        if len(self.model.fusion.blocks) == 1 and not isinstance(self.model.visual, StreamEncoders):
+        if self.model.fusion.shared and not isinstance(self.model.visual, StreamEncoders):
             # One encoder and one fusion block serve every stream (model.stream_fusion=shared):
             # an image's prepared features are the same whichever stream shows it.
             return f"{digest}/prepared"
@@ -648,10 +648,7 @@ class Predictor:
             if self._conditions_maps:
                 rows = list(block.prepare_visual(add_to_maps(rows, condition)))
             prepared.append(rows)
-        if model.num_streams == 1:
-            fused = model.fusion.fuse(prepared[0], text, mask.bool())
-        else:
-            fused = model.fusion(prepared, text, mask.bool())
+        fused = model.fuse(prepared, text, mask.bool())
         return VQAOutput(logits=model.head(fused.features), attention=fused.attention)
 
     @torch.inference_mode()

@@ -141,8 +141,8 @@ class StreamFusion(nn.Module):
         return list(self.blocks)
 
     def stream_text(self, text: Tensor, stream: int) -> Tensor:
-        """The question tokens [B, N, D] that stream ``stream``'s block reads: with stream
-        embeddings, the stream's added to every token."""
+        """The question tokens [B, N, D] that stream ``stream``'s block reads: through the
+        :class:`StreamEmbedding`, where the model has one."""
         if self.stream_embedding is None:
             return text
         return self.stream_embedding(text, stream)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vqa.models.conditioning import ConditioningEmbedding, add_to_maps, film
-from vqa.models.fusion.base import FusionBlock
+from vqa.models.fusion.base import FusionBlock, FusionOutput
 from vqa.models.norms import padding_rows
 from vqa.models.streams import STREAM_FUSIONS, StreamEncoders, StreamFusion, check_streams
 
@@ -169,6 +169,19 @@ class VQAModel(nn.Module):
             return self.fusion.stream_blocks()
         return [self.fusion]
 
+    def fuse(
+        self,
+        prepared: Sequence[Sequence[Tensor]],
+        text: Tensor,
+        mask: Tensor,
+        question_valid: Tensor | None = None,
+    ) -> FusionOutput:
+        """Each stream's per-question ``prepare_visual`` output (``prepared[k]``) fused with the
+        question tokens [B, N, D] and, with several streams, combined."""
+        if self.num_streams == 1:
+            return self.fusion.fuse(prepared[0], text, mask)
+        return self.fusion(prepared, text, mask, question_valid)
+
     def encode_image(self, images: Tensor, stream: int | None = None) -> list[Tensor]:
         """Stage feature maps of the visual encoder in network order (what a feature cache
         stores); the encoder returns them by stage name. Separate encoders need ``stream``,
@@ -265,10 +278,8 @@ class VQAModel(nn.Module):
         with padding_rows(question_valid):
             if stacked:
                 fused = self.fusion.fuse_stacked(prepared, text, mask, question_valid)
-            elif self.num_streams == 1:
-                fused = self.fusion.fuse(prepared[0], text, mask)
             else:
-                fused = self.fusion(prepared, text, mask, question_valid)
+                fused = self.fuse(prepared, text, mask, question_valid)
             logits = self.head(fused.features)
         return VQAOutput(logits=logits, attention=fused.attention)
 

@@ -414,8 +414,8 @@ class ConditionedCells(nn.Module):
         return self.norm(self.question(pooled)), weights
 
     def _pool_words(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        real = mask.to(tokens.dtype)
         if self.word_score is None:
+            real = mask.to(tokens.dtype)
             return masked_mean(tokens, mask), real / real.sum(1, keepdim=True).clamp_min(1.0)
         scores = self.word_score(tokens).masked_fill(~mask.unsqueeze(-1), float("-inf"))
         weights = torch.softmax(scores, dim=1)  # [B, N, G]
