@@ -8,7 +8,9 @@ A setting is what a run's ``.hydra/overrides.yaml`` sets to a value that differs
 the last value each logged in its CSV log (``csv/metrics.csv``: ``val/acc_best`` is a running
 maximum, so its last value is the best epoch), and after them the test accuracy of each group
 the runs logged (``test/family/<family>``: the synthetic set's question families), whatever
-groups the CSV columns name. Writes ``summary.md``, ``summary.csv`` and ``summary.png`` (val
+groups the CSV columns name, and the run's wall time (from the job folder's ``.hydra/`` files,
+written when the job starts, to its CSV log's last write: the whole job, data, feature store
+and test included; a resumed run's is not meaningful). Writes ``summary.md``, ``summary.csv`` and ``summary.png`` (val
 accuracy per setting) into the sweep folder, or ``--out``.
 """
 
@@ -39,6 +41,7 @@ class Run:
 
     overrides: dict[str, str]
     metrics: dict[str, float]
+    wall_s: float = math.nan
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Setting:
 
     def scores(self, metric: str) -> list[float]:
         return [r.metrics[metric] for r in self.runs if metric in r.metrics]
+
+    def walls(self) -> list[float]:
+        return [r.wall_s for r in self.runs if not math.isnan(r.wall_s)]
 
 
 def is_sweep(path: Path) -> bool:
@@ -85,6 +91,15 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
     return last
 
 
+def wall_seconds(run_dir: Path) -> float:
+    """From the job's start (Hydra writes ``.hydra/`` first) to its CSV log's last write."""
+    logs = list(run_dir.rglob("metrics.csv"))
+    if not logs:
+        return math.nan
+    start = min(p.stat().st_mtime for p in (run_dir / ".hydra").iterdir())
+    return max(p.stat().st_mtime for p in logs) - start
+
+
 def load_runs(sweep: Path) -> tuple[list[Run], list[Path]]:
     """Runs with metrics, and the job folders without any (failed, or no CSV logger)."""
     runs, missing = [], []
@@ -92,7 +107,7 @@ def load_runs(sweep: Path) -> tuple[list[Run], list[Path]]:
         run_dir = overrides.parent.parent
         metrics = read_metrics(run_dir)
         if metrics:
-            runs.append(Run(read_overrides(run_dir), metrics))
+            runs.append(Run(read_overrides(run_dir), metrics, wall_seconds(run_dir)))
         else:
             missing.append(run_dir)
     return runs, missing
@@ -143,8 +158,8 @@ def short(value: str) -> str:
 
 
 def to_markdown(keys: list[str], settings: list[Setting], metrics: list[str]) -> str:
-    """Accuracies in percent, ``mean ± std`` over the runs of each setting."""
-    header = [*(keys or ["setting"]), "runs", *metrics]
+    """Accuracies in percent, ``mean ± std`` over the runs of each setting; wall in minutes."""
+    header = [*(keys or ["setting"]), "runs", *metrics, "wall (min)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in settings:
         cells = [short(v) for v in s.values] if keys else ["all runs"]
@@ -153,6 +168,9 @@ def to_markdown(keys: list[str], settings: list[Setting], metrics: list[str]) ->
             mean, std = mean_std(s.scores(metric))
             spread = "" if math.isnan(std) else f" ± {100 * std:.2f}"
             cells.append("–" if math.isnan(mean) else f"{100 * mean:.2f}{spread}")
+        wall, wall_std = mean_std([w / 60 for w in s.walls()])
+        spread = "" if math.isnan(wall_std) else f" ± {wall_std:.1f}"
+        cells.append("–" if math.isnan(wall) else f"{wall:.1f}{spread}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -162,14 +180,20 @@ def write_csv(path: Path, keys: list[str], settings: list[Setting], metrics: lis
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            [*keys, "runs", *(f"{m}_{stat}" for m in metrics for stat in ("mean", "std", "n"))]
+            [
+                *keys,
+                "runs",
+                *(f"{m}_{stat}" for m in metrics for stat in ("mean", "std", "n")),
+                "wall_s_mean",
+                "wall_s_std",
+            ]
         )
         for s in settings:
             stats = []
             for metric in metrics:
                 scores = s.scores(metric)
                 stats += [*mean_std(scores), len(scores)]
-            writer.writerow([*s.values, len(s.runs), *stats])
+            writer.writerow([*s.values, len(s.runs), *stats, *mean_std(s.walls())])
 
 
 def plot(path: Path, keys: list[str], settings: list[Setting], metric: str) -> None:

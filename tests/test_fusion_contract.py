@@ -40,7 +40,8 @@ VARIANTS = {
     "early": [{"op": "sum"}],
     "alternating": [{"steps": 1}, {"steps": 3}, CONDITIONED],
     "multihead": [CONDITIONED],
-    "film": [{"glimpses": 2}, {"question_glimpses": 2}],
+    "hierarchical": [CONDITIONED],
+    "film": [{"glimpses": 2}, {"question_glimpses": 2}, {"glimpses": 3, "glimpse_positions": True}],
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -120,6 +121,24 @@ def test_summary_means_and_stds_over_seeds(tmp_path: Path) -> None:
     assert "Without metrics (failed?): 5" in markdown
     image = matplotlib.image.imread(sweep / "summary.png")
     assert image.ndim == 3 and image.shape[0] > 100
+
+
+def test_summary_gives_each_settings_wall_time_from_its_job_folders(tmp_path: Path) -> None:
+    """Wall: from the job's ``.hydra/`` files (written at its start) to its CSV log's last
+    write, in minutes, mean ± std over seeds."""
+    sweep = tmp_path / "sweep"
+    start = 1_700_000_000.0
+    for index, (seed, wall) in enumerate(((1, 300.0), (2, 420.0))):
+        fake_run(sweep, index, ["fusion=film", f"seed={seed}"], [0.9])
+        for path in (sweep / str(index) / ".hydra").iterdir():
+            os.utime(path, (start, start))
+        os.utime(sweep / str(index) / "csv" / "metrics.csv", (start + wall, start + wall))
+    markdown = summarize(sweep).read_text()
+    assert "| wall (min) |" in markdown.splitlines()[2]
+    assert markdown.splitlines()[4].endswith("| 6.0 ± 1.4 |")  # 5 and 7 minutes
+    (row,) = read_rows(sweep / "summary.csv")
+    assert float(row["wall_s_mean"]) == 360.0
+    assert float(row["wall_s_std"]) == pytest.approx(statistics.stdev([300.0, 420.0]))
 
 
 def test_summary_tabulates_the_test_accuracy_per_family(tmp_path: Path) -> None:

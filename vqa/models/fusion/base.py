@@ -349,9 +349,6 @@ class GridAndWords(nn.Module):
         prior = self.grid.prior(height, width, cells)
         return GridWords(cells.flatten(1, 2), words, mask, prior, height, width)
 
-    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> GridWords:
-        return self.words(self.cells(visual), text, text_mask)
-
 
 class ConditionedCells(nn.Module):
     """Every grid cell transformed by the question before any pooling (FiLM's idea, Perez et
@@ -456,7 +453,7 @@ class SingleStageFusion(FusionBlock):
     ``out_proj``, so the layers are created, and drawn from the random generator, in the order
     the blocks always used (a seed gives the same initial weights). A block that combines its
     inputs another way (hierarchical, early) passes no ``attention``, gets no ``out_proj`` and
-    writes its own ``forward``; ``attention_dropout=None``: no dropout on the attention.
+    writes its own ``attend``; ``attention_dropout=None``: no dropout on the attention.
 
     Options every co-attention block shares (off by default):
 
@@ -467,8 +464,8 @@ class SingleStageFusion(FusionBlock):
     * ``count``: the conditioned cells' scaled sum is appended to the output, an unnormalised
       read-out that softmax pooling cannot give ("how many"); needs ``cell_conditioning``.
 
-    With ``attention``, the grid is projected once per distinct image (``prepare_visual``),
-    not once per question.
+    The grid is projected once per distinct image (``prepare_visual``), not once per question;
+    ``attend`` reads the (conditioned) cells and the words per question.
     """
 
     def __init__(
@@ -523,31 +520,34 @@ class SingleStageFusion(FusionBlock):
 
     def prepare_visual(self, visual: list[Tensor]) -> list[Tensor]:
         """Per distinct image: the grid tokens [U, H, W, D] and, with ``cell_conditioning``, their
-        share of its first layer (blocks with their own ``forward``: the stage maps as they
-        are)."""
-        if self.attention is None:
-            return visual
+        share of its first layer."""
         cells = self.inputs.cells(visual)
         if self.conditioning is None:
             return [cells]
         return [cells, self.conditioning.cell_term(cells)]
 
     def fuse(self, prepared: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        if self.attention is None:
-            return self(prepared, text, text_mask)
         x = self.inputs.words(prepared[0], text, text_mask)
-        cells = x.cells
         if self.conditioning is not None:
             question = self.conditioning.pooled_question(x.words, x.mask)
-            cells = self.conditioning(cells, prepared[1].flatten(1, 2), question)
-        out: CoAttended = self.attention(
-            cells, x.words, x.mask, x.constraint, self.top_k, self.dropout, self.residual
-        )
-        features = self.out_proj(joint(out.image, out.question))
+            x.cells = self.conditioning(x.cells, prepared[1].flatten(1, 2), question)
+        out = self.attend(x)
         if self.count:
-            features = torch.cat([features, cells.sum(dim=1) * SUM_SCALE], dim=-1)
+            out.features = torch.cat([out.features, x.cells.sum(dim=1) * SUM_SCALE], dim=-1)
+        return out
+
+    def attend(self, x: GridWords) -> FusionOutput:
+        """The block's own reading of the cells (conditioned, with ``cell_conditioning``) and
+        the words of each question: here the co-attention, ``[v, q, v * q]`` projected."""
+        if self.attention is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} builds no attention, so it must override attend()"
+            )
+        out: CoAttended = self.attention(
+            x.cells, x.words, x.mask, x.constraint, self.top_k, self.dropout, self.residual
+        )
         return FusionOutput(
-            features=features,
+            features=self.out_proj(joint(out.image, out.question)),
             attention={
                 "image": out.image_att.unflatten(-1, (x.height, x.width)),
                 "question": out.question_att,

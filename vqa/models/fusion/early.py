@@ -10,9 +10,8 @@ image attention map is exactly those pooling weights.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor
 
-from vqa.models.fusion.base import FusionOutput, SingleStageFusion, masked_mean
+from vqa.models.fusion.base import FusionOutput, GridWords, SingleStageFusion, masked_mean
 
 OPS = ("mul", "sum")
 
@@ -44,8 +43,7 @@ class EarlyFusion(SingleStageFusion):
         )
         self.op = op
 
-    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        x = self.inputs(visual, text, text_mask)
+    def attend(self, x: GridWords) -> FusionOutput:
         cells, mask, constraint, height, width = x.cells, x.mask, x.constraint, x.height, x.width
         question = masked_mean(x.words, mask).unsqueeze(1)  # broadcast over cells
         joint = F.gelu(cells * question if self.op == "mul" else cells + question)  # [B, M, D]

@@ -11,7 +11,10 @@ then
 
 * summed, scaled by a constant rather than divided by the number of cells, so "how many"
   survives (a mean or a softmax would normalise the count away), and optionally
-* read by ``glimpses`` softmax attentions over the conditioned cells ("which object").
+* read by ``glimpses`` softmax attentions over the conditioned cells ("which object"), and
+  optionally (``glimpse_positions``) where each glimpse looks: its attention-weighted cell
+  centre, and the offset between every two glimpses' centres ("is A left of B" is then the sign
+  of one number, rather than something the head must decode from the pooled features).
 
 ``grid_stride`` s > 1 makes each s x s patch of the stage map one cell, read by a trained conv,
 as the co-attention blocks' option of that name does (a finer map, the same grid).
@@ -34,6 +37,7 @@ batch of one question (``vqa.models.norms``): the train loader keeps its last pa
 
 from __future__ import annotations
 
+from itertools import combinations
 from typing import ClassVar
 
 import torch
@@ -70,10 +74,13 @@ class FiLMFusion(FusionBlock):
         question_norm: str = "batch",
         grid_stride: int = 1,
         question_glimpses: int = 0,
+        glimpse_positions: bool = False,
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if glimpses < 0:
             raise ValueError(f"glimpses must be >= 0, got {glimpses}")
+        if glimpse_positions and not glimpses:
+            raise ValueError("glimpse_positions needs glimpses >= 1 (it reads where they look)")
         if hidden_dim % 2:
             raise ValueError(
                 f"hidden_dim must be even (cells are hidden_dim/2 wide), got {hidden_dim}"
@@ -95,7 +102,10 @@ class FiLMFusion(FusionBlock):
         # No bias: a shift of the scores is lost in the softmax over cells.
         self.glimpse_score = nn.Linear(hidden_dim, glimpses, bias=False) if glimpses else None
         self.dropout = nn.Dropout(attention_dropout)
-        self.out_dim = (1 + glimpses) * hidden_dim + dim
+        self.glimpse_positions = glimpse_positions
+        pairs = glimpses * (glimpses - 1) // 2
+        position_dim = 2 * (glimpses + pairs) if glimpse_positions else 0
+        self.out_dim = (1 + glimpses) * hidden_dim + dim + position_dim
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         return self.fuse(self.prepare_visual(visual), text, text_mask)
@@ -130,6 +140,8 @@ class FiLMFusion(FusionBlock):
             cell_weights = torch.softmax(self.glimpse_score(conditioned), dim=1)  # [B, M, G]
             glimpses = self.dropout(cell_weights).transpose(1, 2) @ conditioned  # [B, G, H]
             parts.append(glimpses.flatten(1))
+            if self.glimpse_positions:
+                parts.append(glimpse_centres(cell_weights, height, width))
             image_att = cell_weights.mean(dim=-1)
         return FusionOutput(
             features=torch.cat(parts, dim=-1),
@@ -138,3 +150,18 @@ class FiLMFusion(FusionBlock):
                 "question": question_att,
             },
         )
+
+
+def glimpse_centres(cell_weights: Tensor, height: int, width: int) -> Tensor:
+    """Where each glimpse looks, [B, M, G] weights over a row-major H x W grid -> [B, 2 (G + P)]:
+    every glimpse's weighted cell centre (x, y), then ``centre_i - centre_j`` for each pair
+    i < j (P pairs). In cells from the grid's middle, so that a few cells' offset weighs as
+    much in the head's input as the summed read-out beside it (a [0, 1] scale would make a
+    close call a 0.1 input). The weights are taken before dropout: the positions are exact."""
+    boxes = grid_boxes(height, width, device=cell_weights.device, dtype=cell_weights.dtype)
+    scale = boxes.new_tensor([width, height])
+    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2 - 0.5) * scale  # [M, 2], in cells
+    looked = cell_weights.transpose(1, 2) @ centres  # [B, G, 2]
+    pairs = combinations(range(looked.shape[1]), 2)
+    offsets = [looked[:, i] - looked[:, j] for i, j in pairs]  # P x [B, 2]
+    return torch.cat([looked.flatten(1), *offsets], dim=-1)

@@ -13,7 +13,9 @@ combined recursively, so coarser levels refine finer ones::
     h_w = tanh(W_w(q_w + v_w));  h_p = tanh(W_p[q_p + v_p, h_w]);  h_s = tanh(W_s[q_s + v_s, h_p])
 
 ``spatial_constraint`` adds the log of the cells' prior weights to every level's image logits
-before their softmax (``add_log_prior``).
+before their softmax (``add_log_prior``). ``cell_conditioning`` and ``count`` are the options
+every single-stage block shares (``SingleStageFusion``): every level then attends over the
+question-conditioned cells, and their scaled sum is appended to ``h_s``.
 
 Padding is zeroed before every convolution and masked after every level, so padded tokens
 never reach a real position.
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vqa.models.fusion.attention import AlternatingAttention, LuCoAttention, pool
-from vqa.models.fusion.base import FusionOutput, SingleStageFusion
+from vqa.models.fusion.base import FusionOutput, GridWords, SingleStageFusion
 
 LEVELS = ("word", "phrase", "sentence")
 NGRAM_WIDTHS = (1, 2, 3)
@@ -77,6 +79,9 @@ class HierarchicalCoAttention(SingleStageFusion):
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
         grid_stride: int = 1,
+        cell_conditioning: bool = False,
+        count: bool = False,
+        question_norm: str = "batch",
     ) -> None:
         if mode not in COATTENTIONS:
             raise ValueError(f"mode must be one of {sorted(COATTENTIONS)}, got {mode!r}")
@@ -90,6 +95,9 @@ class HierarchicalCoAttention(SingleStageFusion):
             spatial_constraint=spatial_constraint,
             grid_norm=grid_norm,
             grid_stride=grid_stride,
+            cell_conditioning=cell_conditioning,
+            count=count,
+            question_norm=question_norm,
         )
         self.ngrams = nn.ModuleList(nn.Conv1d(hidden_dim, hidden_dim, w) for w in NGRAM_WIDTHS)
         self.sentence_rnn = nn.LSTM(hidden_dim, hidden_dim, batch_first=True)
@@ -128,8 +136,7 @@ class HierarchicalCoAttention(SingleStageFusion):
         states = self.sentence_rnn(compact)[0].gather(1, index)
         return states.masked_fill(~mask.unsqueeze(-1), 0.0)
 
-    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
-        x = self.inputs(visual, text, text_mask)
+    def attend(self, x: GridWords) -> FusionOutput:
         cells, words, mask, constraint = x.cells, x.words, x.mask, x.constraint  # [B,M|N,D]
         height, width = x.height, x.width
         phrases = self._phrases(words, mask)
