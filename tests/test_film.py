@@ -30,23 +30,27 @@ def counting_batch(generator: torch.Generator, batch: int = 64):
     return [visual.contiguous()], text, mask, answer
 
 
-def test_film_learns_to_count_question_selected_cells() -> None:
-    torch.manual_seed(0)
-    block = FiLMFusion([CHANNELS], TEXT_DIM, hidden_dim=HIDDEN, positional=False)
-    head = nn.Linear(block.out_dim, MAX_COUNT + 1)
+def trained_accuracy(block: FiLMFusion, head: nn.Module, make_batch, steps: int) -> float:
+    """Train ``block`` and ``head`` on ``make_batch(generator)`` batches, then their accuracy
+    on 512 fresh questions."""
     optimizer = torch.optim.Adam([*block.parameters(), *head.parameters()], lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(400):
-        visual, text, mask, answer = counting_batch(g)
+    for _ in range(steps):
+        visual, text, mask, answer = make_batch(g)
         loss = F.cross_entropy(head(block(visual, text, mask).features), answer)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-
     block.eval()
     with torch.no_grad():
-        visual, text, mask, answer = counting_batch(torch.Generator().manual_seed(1), batch=512)
-        accuracy = (head(block(visual, text, mask).features).argmax(1) == answer).float().mean()
+        visual, text, mask, answer = make_batch(torch.Generator().manual_seed(1), batch=512)
+        return (head(block(visual, text, mask).features).argmax(1) == answer).float().mean().item()
+
+
+def test_film_learns_to_count_question_selected_cells() -> None:
+    torch.manual_seed(0)
+    block = FiLMFusion([CHANNELS], TEXT_DIM, hidden_dim=HIDDEN, positional=False)
+    accuracy = trained_accuracy(block, nn.Linear(block.out_dim, MAX_COUNT + 1), counting_batch, 400)
     # The most common count is right about a third of the time.
     assert accuracy > 0.95, f"counting accuracy {accuracy:.3f}"
 
@@ -125,18 +129,7 @@ def relation_accuracy(glimpse_positions: bool) -> float:
         positional=False,
     )
     head = nn.Sequential(nn.Linear(block.out_dim, 32), nn.ReLU(), nn.Linear(32, 2))
-    optimizer = torch.optim.Adam([*block.parameters(), *head.parameters()], lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        visual, text, mask, answer = relation_batch(g)
-        loss = F.cross_entropy(head(block(visual, text, mask).features), answer)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    block.eval()
-    with torch.no_grad():
-        visual, text, mask, answer = relation_batch(torch.Generator().manual_seed(1), batch=512)
-        return (head(block(visual, text, mask).features).argmax(1) == answer).float().mean().item()
+    return trained_accuracy(block, head, relation_batch, 300)
 
 
 def test_glimpse_positions_let_film_compare_two_objects_positions() -> None:
