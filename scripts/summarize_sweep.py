@@ -10,8 +10,8 @@ maximum, so its last value is the best epoch), and after them the test accuracy 
 the runs logged (``test/family/<family>``: the synthetic set's question families), whatever
 groups the CSV columns name, and the run's wall time (from the job folder's ``.hydra/`` files,
 written when the job starts, to its CSV log's last write: the whole job, data, feature store
-and test included; a resumed run's is not meaningful). Writes ``summary.md``, ``summary.csv`` and ``summary.png`` (val
-accuracy per setting) into the sweep folder, or ``--out``.
+and test included; a resumed run's is not meaningful). Writes ``summary.md``, ``summary.csv``
+and ``summary.png`` (val accuracy per setting) into the sweep folder, or ``--out``.
 """
 
 from __future__ import annotations

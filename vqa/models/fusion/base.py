@@ -349,6 +349,9 @@ class GridAndWords(nn.Module):
         prior = self.grid.prior(height, width, cells)
         return GridWords(cells.flatten(1, 2), words, mask, prior, height, width)
 
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> GridWords:
+        return self.words(self.cells(visual), text, text_mask)
+
 
 class ConditionedCells(nn.Module):
     """Every grid cell transformed by the question before any pooling (FiLM's idea, Perez et
