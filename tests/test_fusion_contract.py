@@ -41,6 +41,7 @@ VARIANTS = {
     "alternating": [{"steps": 1}, {"steps": 3}, CONDITIONED],
     "multihead": [CONDITIONED],
     "hierarchical": [CONDITIONED],
+    "cot": [CONDITIONED],
     "film": [{"glimpses": 2}, {"question_glimpses": 2}, {"glimpses": 3, "glimpse_positions": True}],
 }
 

@@ -1,6 +1,7 @@
 """The options the co-attention blocks share: ``grid_stride``, ``cell_conditioning`` and
-``count`` (``SingleStageFusion``). The generic contract with these options on is checked in
-test_fusion_contract.py; this file checks what each option promises."""
+``count`` (``SingleStageFusion``, and cot's own over several stages). The generic contract with
+these options on is checked in test_fusion_contract.py; this file checks what each option
+promises."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from vqa.models.fusion.alternating import AlternatingCoAttention
 from vqa.models.fusion.base import SUM_SCALE, SingleStageFusion
+from vqa.models.fusion.cot import CoTAttention
 from vqa.models.fusion.early import EarlyFusion
 from vqa.models.fusion.film import FiLMFusion
 from vqa.models.fusion.hierarchical import HierarchicalCoAttention
@@ -159,3 +161,88 @@ def test_default_options_leave_the_parameters_unchanged() -> None:
     keys = set(build("parallel").state_dict())
     assert not any(k.startswith("conditioning.") for k in keys)
     assert "inputs.grid.proj.weight" in keys
+
+
+# cot attends over every listed stage and prepares its keys and values per stage; the same
+# options, on two stages.
+COT_CHANNELS = [12, 8]
+
+
+def build_cot(seed: int = 0, **options) -> CoTAttention:
+    torch.manual_seed(seed)
+    options.setdefault("attention_dropout", 0.0)
+    return CoTAttention(COT_CHANNELS, TEXT_DIM, hidden_dim=HIDDEN, **options).eval()
+
+
+def cot_images(count: int, size: int = 8) -> list[Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return [torch.randn(count, c, size, size, generator=g) for c in COT_CHANNELS]
+
+
+def test_cot_grid_stride_reads_patches_into_a_coarser_grid() -> None:
+    block = build_cot(grid_stride=2)
+    text, mask = questions(2)
+    out = block(cot_images(2), text, mask)
+    assert out.attention["image/stage0"].shape == out.attention["image/stage1"].shape == (2, 4, 4)
+    # A change inside one patch of stage 0 moves that cell's value only (the keys' 3x3
+    # convolution also reads the neighbours), and nothing of stage 1.
+    visual = cot_images(2)
+    before = block.prepare_visual(visual)
+    visual[0][0, :, :2, :2] += 5.0
+    after = block.prepare_visual(visual)
+    moved = (after[1] - before[1]).abs().amax(-1) > 1e-6
+    assert moved.shape == (2, 4, 4) and moved[0, 0, 0] and moved.sum() == 1
+    assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"grid_stride": 2, "cell_conditioning": True, "count": True}]
+)
+def test_cot_prepared_once_per_image_equals_per_question(options: dict) -> None:
+    block = build_cot(**options)
+    visual = cot_images(3)
+    index = torch.tensor([0, 0, 2, 1, 2, 2])
+    text, mask = questions(len(index))
+    prepared = [part.index_select(0, index) for part in block.prepare_visual(visual)]
+    grouped = block.fuse(prepared, text, mask)
+    repeated = block([stage.index_select(0, index) for stage in visual], text, mask)
+    torch.testing.assert_close(grouped.features, repeated.features, rtol=0, atol=1e-5)
+    for key, att in repeated.attention.items():
+        torch.testing.assert_close(grouped.attention[key], att, rtol=0, atol=1e-6)
+
+
+def test_cot_count_sums_each_stage_unnormalised() -> None:
+    """Every object twice (the maps tiled side by side, no box embeddings): each stage's count
+    read-out doubles exactly; the values are 1x1 convolutions, so the tiling cannot blur them."""
+    block = build_cot(cell_conditioning=True, count=True, positional=False, residual=False)
+    visual = cot_images(2)
+    tiled = [torch.cat([stage, stage], dim=-1) for stage in visual]
+    text, mask = questions(2)
+    once, twice = block(visual, text, mask).features, block(tiled, text, mask).features
+    assert block.out_dim == once.shape[-1] == 3 * HIDDEN
+    counts_once, counts_twice = once[:, HIDDEN:], twice[:, HIDDEN:]
+    torch.testing.assert_close(counts_twice, 2 * counts_once, rtol=1e-5, atol=1e-6)
+    assert (counts_once >= 0).all() and counts_once[:, :HIDDEN].abs().sum() > 0
+    assert counts_once[:, HIDDEN:].abs().sum() > 0
+
+
+def test_cot_conditioned_values_depend_on_the_question() -> None:
+    visual = cot_images(1)
+    text, mask = questions(4)
+    for conditioned in (False, True):
+        block = build_cot(cell_conditioning=conditioned).train()
+        prepared = [part.expand(4, *part.shape[1:]) for part in block.prepare_visual(visual)]
+        per_stage = len(prepared) // 2
+        _, values, _, _ = block.stages[0](prepared[:per_stage], text, mask.bool())
+        spread = (values - values[:1]).abs().amax()
+        assert (spread > 1e-3) == conditioned
+
+
+def test_cot_options_checked_and_off_by_default() -> None:
+    with pytest.raises(ValueError, match="cell_conditioning"):
+        build_cot(count=True)
+    with pytest.raises(ValueError, match="grid_stride"):
+        build_cot(grid_stride=0)
+    block = build_cot()
+    assert block.out_dim == HIDDEN
+    assert not any(".patch." in k or ".conditioning." in k for k in block.state_dict())

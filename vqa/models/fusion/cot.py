@@ -17,6 +17,19 @@ The attended value v (plus the stage's mean value as residual, added to the pool
 and the attended question q give the stage output [v, q, v * q]; the outputs of all stages are
 concatenated and projected to ``hidden_dim``.
 
+Keys and values depend on the image alone, so they are computed once per distinct image
+(``prepare_visual``) however many questions ask about it; only the queries, the affinity and
+the pooling are per question. Options (off by default, the same as the single-stage blocks'):
+
+* ``grid_stride`` s > 1: each stage is first read in s x s patches by a trained convolution
+  (+ norm + ReLU, ``hidden_dim`` wide), and the keys and values are that patch grid's, so a fine
+  cached map (the quick-start's 32x32 layer1) gives a grid, and an attention, s^2 times smaller;
+* ``cell_conditioning``: the values pass through ``ConditionedCells`` (the question, as the mean
+  of its projected words, asks every cell first) before the attention pools them; the keys stay
+  the contextual convolution's;
+* ``count``: each stage's conditioned values, summed and scaled, are appended to the output, an
+  unnormalised read-out that keeps counts (softmax pooling cannot); needs ``cell_conditioning``.
+
 Normalisation: ``norm="batch"`` (the default) uses running statistics in eval mode, so samples
 are independent there, but in train mode BatchNorm couples the samples of a batch; use
 ``norm="group"`` for per-sample normalisation in training too (e.g. tiny per-device batches).
@@ -30,7 +43,15 @@ import torch
 from torch import Tensor, nn
 
 from vqa.models.fusion.attention import affinity_attention, pool
-from vqa.models.fusion.base import FusionBlock, FusionOutput, SpatialGrid, flatten_grid, joint
+from vqa.models.fusion.base import (
+    SUM_SCALE,
+    ConditionedCells,
+    FusionBlock,
+    FusionOutput,
+    SpatialGrid,
+    flatten_grid,
+    joint,
+)
 from vqa.models.norms import SafeBatchNorm2d
 
 NORMS = ("batch", "group")
@@ -57,10 +78,26 @@ class CoTStage(nn.Module):
         residual: bool,
         positional: bool,
         spatial_constraint: bool,
+        stride: int = 1,
+        cell_conditioning: bool = False,
     ) -> None:
         super().__init__()
+        if stride < 1:
+            raise ValueError(f"grid_stride={stride} must be >= 1")
         self.top_k = top_k
         self.residual = residual
+        # stride s: the map is first read in s x s patches by a trained conv (as SpatialGrid
+        # reads it for the single-stage blocks); keys and values are then the patch grid's.
+        self.patch = (
+            None
+            if stride == 1
+            else nn.Sequential(
+                nn.Conv2d(channels, dim, stride, stride=stride),
+                _norm(norm, dim),
+                nn.ReLU(inplace=True),
+            )
+        )
+        channels = channels if self.patch is None else dim
         self.key = nn.Sequential(
             nn.Conv2d(channels, dim, 3, padding=1, groups=groups, bias=False),
             _norm(norm, dim),
@@ -71,15 +108,32 @@ class CoTStage(nn.Module):
         self.key_grid = SpatialGrid(dim, dim, positional, spatial_constraint)
         self.query = nn.Linear(text_dim, dim)
         self.dropout = nn.Dropout(attention_dropout)
+        # Created last: without it the stage draws its initial weights as before the option.
+        self.conditioning = ConditionedCells(dim, dim, dim) if cell_conditioning else None
+
+    def prepare(self, feature_map: Tensor) -> list[Tensor]:
+        """Per distinct image, [U, C, H, W] -> keys and values as grids [U, H', W', D] and,
+        with ``cell_conditioning``, the values' share of its first layer."""
+        if self.patch is not None:
+            feature_map = self.patch(feature_map)
+        keys = self.key_grid.cells(self.key(feature_map))
+        values = self.value(feature_map).permute(0, 2, 3, 1)
+        if self.conditioning is None:
+            return [keys, values]
+        return [keys, values, self.conditioning.cell_term(values)]
 
     def forward(
-        self, feature_map: Tensor, text: Tensor, mask: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """[B, C, H, W], text [B, N, D_t] (0 on padding) -> stage output [B, 3D],
+        self, prepared: list[Tensor], text: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``prepare``'s output (one row per question), text [B, N, D_t] (0 on padding) ->
+        stage output [B, 3D], the values [B, M, D] (conditioned, with ``cell_conditioning``),
         image attention [B, M], question attention [B, N]."""
-        keys, constraint = self.key_grid(self.key(feature_map))  # [B, M, D], [1, M] | None
-        values = flatten_grid(self.value(feature_map))  # [B, M, D]
+        keys, values = prepared[0].flatten(1, 2), prepared[1].flatten(1, 2)  # [B, M, D]
+        constraint = self.key_grid.prior(*prepared[0].shape[1:3], keys)  # [1, M] | None
         queries = self.query(text)  # [B, N, D]
+        if self.conditioning is not None:
+            question = self.conditioning.pooled_question(queries, mask)
+            values = self.conditioning(values, prepared[2].flatten(1, 2), question)
 
         image_att, question_att = affinity_attention(
             queries, keys, mask, self.top_k, constraint, scaling="multiply"
@@ -89,7 +143,7 @@ class CoTStage(nn.Module):
             attended = attended + values.mean(dim=1)
         question = pool(question_att, queries, self.dropout)
         fused = joint(attended, question)
-        return fused, image_att, question_att
+        return fused, values, image_att, question_att
 
 
 class CoTAttention(FusionBlock):
@@ -107,8 +161,15 @@ class CoTAttention(FusionBlock):
         residual: bool = True,
         positional: bool = True,
         spatial_constraint: bool = False,
+        grid_stride: int = 1,
+        cell_conditioning: bool = False,
+        count: bool = False,
     ) -> None:
         super().__init__(visual_channels, text_dim)
+        if count and not cell_conditioning:
+            raise ValueError(
+                "count reads the question-conditioned values: it needs cell_conditioning=true"
+            )
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         for channels in (*self.visual_channels, hidden_dim):
@@ -130,24 +191,46 @@ class CoTAttention(FusionBlock):
                 residual=residual,
                 positional=positional,
                 spatial_constraint=spatial_constraint,
+                stride=grid_stride,
+                cell_conditioning=cell_conditioning,
             )
             for channels in self.visual_channels
         )
         self.out_proj = nn.Linear(len(self.visual_channels) * 3 * hidden_dim, hidden_dim)
+        self.count = count
+        if count:
+            self.out_dim += len(self.visual_channels) * hidden_dim
 
-    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+    def prepare_visual(self, visual: list[Tensor]) -> list[Tensor]:
+        """Per distinct image: every stage's ``CoTStage.prepare`` output, stage after stage."""
         if len(visual) != len(self.stages):
             raise ValueError(
                 f"cot was built for {len(self.stages)} visual stages "
                 f"(visual_channels={self.visual_channels}) but got {len(visual)} feature maps"
             )
+        return [
+            part
+            for stage, feature_map in zip(self.stages, visual, strict=True)
+            for part in stage.prepare(feature_map)
+        ]
+
+    def fuse(self, prepared: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         mask = text_mask.bool()
         text = text.masked_fill(~mask.unsqueeze(-1), 0.0)
+        per_stage = len(prepared) // len(self.stages)
         outputs: list[Tensor] = []
+        counts: list[Tensor] = []
         attention: dict[str, Tensor] = {}
-        for index, (stage, feature_map) in enumerate(zip(self.stages, visual, strict=True)):
-            output, image_att, question_att = stage(feature_map, text, mask)
+        for index, stage in enumerate(self.stages):
+            parts = prepared[index * per_stage : (index + 1) * per_stage]
+            output, values, image_att, question_att = stage(parts, text, mask)
             outputs.append(output)
-            attention[f"image/stage{index}"] = image_att.unflatten(-1, feature_map.shape[-2:])
+            if self.count:
+                counts.append(values.sum(dim=1) * SUM_SCALE)
+            attention[f"image/stage{index}"] = image_att.unflatten(-1, parts[0].shape[1:3])
             attention[f"question/stage{index}"] = question_att
-        return FusionOutput(features=self.out_proj(torch.cat(outputs, dim=-1)), attention=attention)
+        features = self.out_proj(torch.cat(outputs, dim=-1))
+        return FusionOutput(features=torch.cat([features, *counts], dim=-1), attention=attention)
+
+    def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
+        return self.fuse(self.prepare_visual(visual), text, text_mask)
