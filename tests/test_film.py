@@ -117,16 +117,18 @@ def relation_batch(generator: torch.Generator, batch: int = 64):
     return [visual.contiguous()], text, mask, answer
 
 
-def relation_accuracy(glimpse_positions: bool) -> float:
-    """FiLM with two glimpses and no box embeddings trained on ``relation_batch``."""
+def relation_accuracy(glimpse_positions: bool = False, relation_dim: int = 0) -> float:
+    """FiLM with no box embeddings trained on ``relation_batch``: with two glimpses, or
+    (``relation_dim``) with the relation read-out alone."""
     torch.manual_seed(0)
     block = FiLMFusion(
         [CHANNELS],
         TEXT_DIM,
         hidden_dim=HIDDEN,
-        glimpses=2,
+        glimpses=0 if relation_dim else 2,
         glimpse_positions=glimpse_positions,
         positional=False,
+        relation_dim=relation_dim,
     )
     head = nn.Sequential(nn.Linear(block.out_dim, 32), nn.ReLU(), nn.Linear(32, 2))
     return trained_accuracy(block, head, relation_batch, 300)
@@ -138,6 +140,12 @@ def test_glimpse_positions_let_film_compare_two_objects_positions() -> None:
     and their offset: with them the block learns the comparison, without them it is at chance."""
     assert relation_accuracy(glimpse_positions=True) > 0.95
     assert relation_accuracy(glimpse_positions=False) < 0.6  # chance: 0.5
+
+
+def test_relation_readout_lets_film_compare_two_objects_positions() -> None:
+    """The same strip, no glimpses, no box embeddings: each cell's sums of what lies left and
+    right of it are all the block knows of positions, and they answer "is A left of B?"."""
+    assert relation_accuracy(relation_dim=8) > 0.95
 
 
 def test_glimpse_positions_need_glimpses() -> None:

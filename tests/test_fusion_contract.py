@@ -42,7 +42,12 @@ VARIANTS = {
     "multihead": [CONDITIONED],
     "hierarchical": [CONDITIONED],
     "cot": [CONDITIONED],
-    "film": [{"glimpses": 2}, {"question_glimpses": 2}, {"glimpses": 3, "glimpse_positions": True}],
+    "film": [
+        {"glimpses": 2},
+        {"question_glimpses": 2},
+        {"glimpses": 3, "glimpse_positions": True},
+        {"relation_dim": 8},
+    ],
 }
 
 

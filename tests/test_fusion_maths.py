@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from vqa.models.fusion.alternating import AlternatingCoAttention
-from vqa.models.fusion.base import FusionBlock, SpatialGrid, keep_top_k
+from vqa.models.fusion.base import SUM_SCALE, FusionBlock, RelationReadout, SpatialGrid, keep_top_k
 from vqa.models.fusion.cot import CoTAttention
 from vqa.models.fusion.hierarchical import HierarchicalCoAttention
 from vqa.models.fusion.multihead import MultiheadCoAttention
@@ -233,3 +233,26 @@ def test_keep_top_k_matches_topk_with_k_clamped_to_real_keys(k: int) -> None:
             expected[top] = True
             assert torch.equal(keep[b, n], expected), (b, n)
     assert torch.equal(keep_top_k(logits, None, valid), valid.expand_as(logits))
+
+
+def test_relation_readout_is_its_documented_formula() -> None:
+    """z_m = W_p c_m; each cell's left/right (above/below) input is the sum of z over the cells
+    in the columns (rows) strictly before/after its own; out = SUM_SCALE * sum_m ReLU(W
+    [z_m, SUM_SCALE * (left_m, right_m, above_m, below_m)] + b), cell by cell with loops."""
+    torch.manual_seed(0)
+    readout = RelationReadout(6, 4, 5).double()
+    height, width = 3, 4
+    cells = torch.randn(2, height * width, 6, dtype=torch.float64)
+    z = linear(cells, readout.project).view(2, height, width, 4)
+    expected = torch.zeros(2, 5, dtype=torch.float64)
+    for row in range(height):
+        for col in range(width):
+            context = [
+                z[:, :, :col].sum(dim=(1, 2)),
+                z[:, :, col + 1 :].sum(dim=(1, 2)),
+                z[:, :row].sum(dim=(1, 2)),
+                z[:, row + 1 :].sum(dim=(1, 2)),
+            ]
+            inputs = torch.cat([z[:, row, col], *(part * SUM_SCALE for part in context)], dim=-1)
+            expected += torch.relu(linear(inputs, readout.combine))
+    torch.testing.assert_close(readout(cells, height, width), expected * SUM_SCALE)

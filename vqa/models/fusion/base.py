@@ -436,6 +436,41 @@ class ConditionedCells(nn.Module):
         return self.mlp[0].weight.split(self.mlp[0].in_features // 3, dim=1)
 
 
+class RelationReadout(nn.Module):
+    """Where the conditioned cells lie relative to each other, read in time linear in the cells.
+
+    "Is A left of B?" needs, for A's cells, whether B's cells lie to their right. A sum over
+    cells weighs each object's position by its area, and a softmax glimpse must first find the
+    right object; neither compares two objects. Here every conditioned cell c_m is projected
+    to ``dim`` (z_m), and each cell also receives the sums of z over the cells left of its
+    column, right of it, above its row and below it (exclusive cumulative sums, so the cost is
+    linear in the cells, not quadratic as a relation network's pairs). A per-cell layer over
+    ``[z_m, left_m, right_m, above_m, below_m]`` with a ReLU can then fire on "I am A and there
+    is B to my right"; its scaled sum over cells is the read-out ``[B, out_dim]``.
+    """
+
+    def __init__(self, in_dim: int, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.project = nn.Linear(in_dim, dim)
+        self.combine = nn.Linear(5 * dim, out_dim)
+
+    def forward(self, cells: Tensor, height: int, width: int) -> Tensor:
+        """cells [B, H*W, in_dim] (row-major) -> [B, out_dim]."""
+        z = self.project(cells).unflatten(1, (height, width))  # [B, H, W, d]
+        columns, rows = z.sum(dim=1), z.sum(dim=2)  # [B, W, d], [B, H, d]
+        left = columns.cumsum(dim=1) - columns
+        right = columns.sum(dim=1, keepdim=True) - left - columns
+        above = rows.cumsum(dim=1) - rows
+        below = rows.sum(dim=1, keepdim=True) - above - rows
+        # The layer is linear in its five inputs, and four of them depend on the cell's column
+        # or row only: each is applied once per column / row, then broadcast over the grid.
+        w_cell, w_left, w_right, w_above, w_below = self.combine.weight.split(z.shape[-1], dim=1)
+        by_column = (left @ w_left.T + right @ w_right.T) * SUM_SCALE  # [B, W, out]
+        by_row = (above @ w_above.T + below @ w_below.T) * SUM_SCALE  # [B, H, out]
+        hidden = z @ w_cell.T + self.combine.bias + by_column.unsqueeze(1) + by_row.unsqueeze(2)
+        return torch.relu(hidden).sum(dim=(1, 2)) * SUM_SCALE
+
+
 class CoAttended(NamedTuple):
     """What a co-attention gives a single-stage block: the attended image and question vectors
     [B, D] and the maps to plot, image [B, M] and question [B, N]."""

@@ -49,7 +49,6 @@ from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
     SpatialGrid,
-    flatten_grid,
     joint,
 )
 from vqa.models.norms import SafeBatchNorm2d

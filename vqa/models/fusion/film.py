@@ -14,7 +14,10 @@ then
 * read by ``glimpses`` softmax attentions over the conditioned cells ("which object"), and
   optionally (``glimpse_positions``) where each glimpse looks: its attention-weighted cell
   centre, and the offset between every two glimpses' centres ("is A left of B" is then the sign
-  of one number, rather than something the head must decode from the pooled features).
+  of one number, rather than something the head must decode from the pooled features), and
+  optionally
+* read by ``RelationReadout`` (``relation_dim`` > 0): each cell with what lies left of, right
+  of, above and below it, summed ("is A left of B": A's cells with B's to their right).
 
 ``grid_stride`` s > 1 makes each s x s patch of the stage map one cell, read by a trained conv,
 as the co-attention blocks' option of that name does (a finer map, the same grid).
@@ -48,6 +51,7 @@ from vqa.models.fusion.base import (
     ConditionedCells,
     FusionBlock,
     FusionOutput,
+    RelationReadout,
     grid_boxes,
 )
 from vqa.models.norms import SafeBatchNorm2d
@@ -75,6 +79,7 @@ class FiLMFusion(FusionBlock):
         grid_stride: int = 1,
         question_glimpses: int = 0,
         glimpse_positions: bool = False,
+        relation_dim: int = 0,
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if glimpses < 0:
@@ -87,6 +92,8 @@ class FiLMFusion(FusionBlock):
             )
         if grid_stride < 1:
             raise ValueError(f"grid_stride={grid_stride} must be >= 1")
+        if relation_dim < 0:
+            raise ValueError(f"relation_dim must be >= 0 (0: off), got {relation_dim}")
         dim = hidden_dim // 2
         # Stride s: each s x s patch of a finer cached map is one cell, read by a trained conv
         # that sees the shape of what lies in it (1: a per-cell projection, as always).
@@ -106,6 +113,12 @@ class FiLMFusion(FusionBlock):
         pairs = glimpses * (glimpses - 1) // 2
         position_dim = 2 * (glimpses + pairs) if glimpse_positions else 0
         self.out_dim = (1 + glimpses) * hidden_dim + dim + position_dim
+        # Created last: without it the block draws its initial weights as before the option.
+        self.relations = (
+            RelationReadout(hidden_dim, relation_dim, hidden_dim) if relation_dim else None
+        )
+        if self.relations is not None:
+            self.out_dim += hidden_dim
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         return self.fuse(self.prepare_visual(visual), text, text_mask)
@@ -143,6 +156,8 @@ class FiLMFusion(FusionBlock):
             if self.glimpse_positions:
                 parts.append(glimpse_centres(cell_weights, height, width))
             image_att = cell_weights.mean(dim=-1)
+        if self.relations is not None:
+            parts.append(self.relations(conditioned, height, width))
         return FusionOutput(
             features=torch.cat(parts, dim=-1),
             attention={
