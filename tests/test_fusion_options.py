@@ -246,3 +246,15 @@ def test_cot_options_checked_and_off_by_default() -> None:
     block = build_cot()
     assert block.out_dim == HIDDEN
     assert not any(".patch." in k or ".conditioning." in k for k in block.state_dict())
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_cot_conditioned_values_know_where_they_are(positional: bool) -> None:
+    """The same feature in every cell: the conditioned values (summed by ``count``) still tell
+    the cells apart by their box embedding, as the single-stage blocks' cells do; without box
+    embeddings they are all one."""
+    block = build_cot(cell_conditioning=True, count=True, positional=positional)
+    visual = [torch.ones(1, c, 4, 4) for c in COT_CHANNELS]
+    text, mask = questions(1)
+    _, values, _, _ = block.stages[0](block.prepare_visual(visual)[:3], text, mask.bool())
+    assert ((values - values[:, :1]).abs().amax() > 1e-4) == positional

@@ -24,9 +24,9 @@ the pooling are per question. Options (off by default, the same as the single-st
 * ``grid_stride`` s > 1: each stage is first read in s x s patches by a trained convolution
   (+ norm + ReLU, ``hidden_dim`` wide), and the keys and values are that patch grid's, so a fine
   cached map (the quick-start's 32x32 layer1) gives a grid, and an attention, s^2 times smaller;
-* ``cell_conditioning``: the values pass through ``ConditionedCells`` (the question, as the mean
-  of its projected words, asks every cell first) before the attention pools them; the keys stay
-  the contextual convolution's;
+* ``cell_conditioning``: the values, with the keys' box embedding added, pass through
+  ``ConditionedCells`` (the question, as the mean of its projected words, asks every cell
+  first) before the attention pools them; the keys stay the contextual convolution's;
 * ``count``: each stage's conditioned values, summed and scaled, are appended to the output, an
   unnormalised read-out that keeps counts (softmax pooling cannot); needs ``cell_conditioning``.
 
@@ -49,6 +49,7 @@ from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
     SpatialGrid,
+    grid_boxes,
     joint,
 )
 from vqa.models.norms import SafeBatchNorm2d
@@ -119,6 +120,13 @@ class CoTStage(nn.Module):
         values = self.value(feature_map).permute(0, 2, 3, 1)
         if self.conditioning is None:
             return [keys, values]
+        # Conditioned values are summed (count) as well as attended: like the single-stage
+        # blocks' cells they carry where they are (the keys' box embedding), or the sum could
+        # not answer "the shape left of X".
+        if self.key_grid.position is not None:
+            height, width = values.shape[1:3]
+            boxes = grid_boxes(height, width, device=values.device, dtype=values.dtype)
+            values = values + self.key_grid.position(boxes).view(height, width, -1)
         return [keys, values, self.conditioning.cell_term(values)]
 
     def forward(
