@@ -151,6 +151,8 @@ def test_relation_readout_lets_film_compare_two_objects_positions() -> None:
 def test_glimpse_positions_need_glimpses() -> None:
     with pytest.raises(ValueError, match="glimpse_positions needs glimpses"):
         FiLMFusion([CHANNELS], TEXT_DIM, hidden_dim=HIDDEN, glimpse_positions=True)
+    with pytest.raises(ValueError, match="relation_dim"):
+        FiLMFusion([CHANNELS], TEXT_DIM, hidden_dim=HIDDEN, relation_dim=-1)
 
 
 SAFE_NORMS = [
