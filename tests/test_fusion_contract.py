@@ -47,6 +47,7 @@ VARIANTS = {
         {"question_glimpses": 2},
         {"glimpses": 3, "glimpse_positions": True},
         {"relation_dim": 8},
+        {"word_attention": True},
     ],
 }
 

@@ -368,6 +368,11 @@ class ConditionedCells(nn.Module):
 
     The MLP's first layer is linear in its three inputs, so the cell's share of it
     (``cell_term``) is computed once per image and only ``q`` and ``cell * q`` per question.
+
+    ``word_attention``: each cell reads the question through its own attention over the words
+    (``cell_questions``), so q is per cell: the mean has one slot for both "the red circle" and
+    "the blue square" of "is the red circle left of the blue square?", and a red circle's cell
+    can take the phrase that names it, a blue square's the other.
     """
 
     def __init__(
@@ -377,8 +382,11 @@ class ConditionedCells(nn.Module):
         hidden_dim: int,
         question_norm: str = "batch",
         question_glimpses: int = 0,
+        word_attention: bool = False,
     ) -> None:
         super().__init__()
+        if word_attention and question_glimpses:
+            raise ValueError("word_attention and question_glimpses are two ways to pool the words")
         if question_norm not in QUESTION_NORMS:
             raise ValueError(f"question_norm={question_norm!r} must be one of {QUESTION_NORMS}")
         if question_glimpses < 0:
@@ -394,6 +402,10 @@ class ConditionedCells(nn.Module):
         # Created last: without glimpses the parameters are drawn as before the option existed.
         self.word_score = (
             nn.Linear(question_dim, question_glimpses, bias=False) if question_glimpses else None
+        )
+        self.word_query = nn.Linear(cell_dim, question_dim, bias=False) if word_attention else None
+        self.cell_norm = (
+            SafeBatchNorm1d(cell_dim) if word_attention and question_norm == "batch" else None
         )
 
     def cell_term(self, cells: Tensor) -> Tensor:
@@ -421,14 +433,27 @@ class ConditionedCells(nn.Module):
         weights = torch.softmax(scores, dim=1)  # [B, N, G]
         return (weights.transpose(1, 2) @ tokens).flatten(1), weights.mean(-1)
 
+    def cell_questions(self, cells: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """With ``word_attention``: each cell's own q [B, M, cell_dim], from its scaled
+        dot-product attention over the real words (cells [B, M, cell_dim] the queries, tokens
+        [B, N, question_dim] the keys and, projected, the values), and each word's mean weight
+        over the cells [B, N]. The projection is linear and the weights sum to 1, so the words
+        are projected once and then pooled per cell."""
+        logits = self.word_query(cells) @ tokens.transpose(1, 2) / tokens.shape[-1] ** 0.5
+        weights = masked_softmax(logits, mask.unsqueeze(1))  # [B, M, N]
+        question = weights @ self.question(tokens)
+        if self.cell_norm is not None:
+            question = self.cell_norm(question.transpose(1, 2)).transpose(1, 2)
+        return question, weights.mean(dim=1)
+
     def forward(self, cells: Tensor, cell_term: Tensor, question: Tensor) -> Tensor:
-        """cells [B, M, cell_dim] with their ``cell_term`` [B, M, hidden], q [B, cell_dim] ->
-        conditioned cells [B, M, hidden_dim]."""
+        """cells [B, M, cell_dim] with their ``cell_term`` [B, M, hidden], q [B, cell_dim] (or
+        per cell, [B, M, cell_dim]) -> conditioned cells [B, M, hidden_dim]."""
         _, w_question, w_product = self._first_layer_weights()
+        if question.dim() == 2:
+            question = question.unsqueeze(1)
         question_term = question @ w_question.T + self.mlp[0].bias
-        hidden = (
-            cell_term + question_term.unsqueeze(1) + (cells * question.unsqueeze(1)) @ w_product.T
-        )
+        hidden = cell_term + question_term + (cells * question) @ w_product.T
         return self.mlp[1:](hidden)
 
     def _first_layer_weights(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -19,6 +19,9 @@ then
 * read by ``RelationReadout`` (``relation_dim`` > 0): each cell with what lies left of, right
   of, above and below it, summed ("is A left of B": A's cells with B's to their right).
 
+``word_attention``: each cell conditions on its own attention over the words rather than on
+their mean (``ConditionedCells.cell_questions``), cells and words attending to each other.
+
 ``grid_stride`` s > 1 makes each s x s patch of the stage map one cell, read by a trained conv,
 as the co-attention blocks' option of that name does (a finer map, the same grid).
 
@@ -80,6 +83,7 @@ class FiLMFusion(FusionBlock):
         question_glimpses: int = 0,
         glimpse_positions: bool = False,
         relation_dim: int = 0,
+        word_attention: bool = False,
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if glimpses < 0:
@@ -104,7 +108,7 @@ class FiLMFusion(FusionBlock):
         )
         self.position = nn.Linear(4, dim) if positional else None
         self.conditioning = ConditionedCells(
-            dim, self.text_dim, hidden_dim, question_norm, question_glimpses
+            dim, self.text_dim, hidden_dim, question_norm, question_glimpses, word_attention
         )
         # No bias: a shift of the scores is lost in the softmax over cells.
         self.glimpse_score = nn.Linear(hidden_dim, glimpses, bias=False) if glimpses else None
@@ -140,10 +144,13 @@ class FiLMFusion(FusionBlock):
         cells, cell_term = cells.flatten(1, 2), cell_term.flatten(1, 2)  # [B, M, D], [B, M, H]
         mask = text_mask.bool()
         # Zeroing padding keeps junk (even inf/nan) out of the mean.
-        question, question_att = self.conditioning.question_and_weights(
-            text.masked_fill(~mask.unsqueeze(-1), 0.0), mask
-        )
-        conditioned = self.conditioning(cells, cell_term, question)  # [B, M, H]
+        text = text.masked_fill(~mask.unsqueeze(-1), 0.0)
+        question, question_att = self.conditioning.question_and_weights(text, mask)
+        if self.conditioning.word_query is None:
+            conditioned = self.conditioning(cells, cell_term, question)  # [B, M, H]
+        else:
+            per_cell, question_att = self.conditioning.cell_questions(cells, text, mask)
+            conditioned = self.conditioning(cells, cell_term, per_cell)
 
         parts = [conditioned.sum(dim=1) * SUM_SCALE, question]
         if self.glimpse_score is None:
