@@ -148,6 +148,49 @@ def test_relation_readout_lets_film_compare_two_objects_positions() -> None:
     assert relation_accuracy(relation_dim=8) > 0.95
 
 
+def named_order_batch(generator: torch.Generator, batch: int = 64):
+    """``relation_batch``'s strip, but the question names both colours, in either order: token
+    n is its colour's one-hot plus its position's one-hot; the answer is whether the colour
+    named first lies left of the one named second. The mean of the two tokens is the same for
+    both orders, so only a block that binds each word to its position can answer."""
+    width = 8
+    red = torch.randint(0, width, (batch,), generator=generator)
+    blue = (red + torch.randint(1, width, (batch,), generator=generator)) % width
+    cells = torch.zeros(batch, width, dtype=torch.long)
+    cells[torch.arange(batch), red], cells[torch.arange(batch), blue] = 1, 2
+    visual = F.one_hot(cells, 3).float().permute(0, 2, 1).reshape(batch, 3, 1, width)
+    red_first = torch.randint(0, 2, (batch,), generator=generator)
+    named = torch.stack([1 - red_first, red_first], dim=1)  # per position: 1 red, 0 blue
+    text = torch.cat([F.one_hot(named, 2), torch.eye(2).expand(batch, 2, 2).long()], dim=-1)
+    text = F.pad(text.float(), (0, TEXT_DIM - 4))
+    mask = torch.ones(batch, 2, dtype=torch.bool)
+    answer = torch.where(red_first.bool(), red < blue, blue < red).long()
+    return [visual.contiguous()], text, mask, answer
+
+
+@pytest.mark.parametrize(("word_attention", "learns"), [(True, True), (False, False)])
+def test_word_attention_binds_each_cell_to_the_words_that_name_it(
+    word_attention: bool, learns: bool
+) -> None:
+    """With its own attention over the words, the red cell reads the red word and with it that
+    word's position ("named first"), and the box embeddings say where the cell is: the order
+    question is learned. Conditioned on the mean of the words, the block cannot tell the two
+    orders apart and stays near chance (0.5)."""
+    torch.manual_seed(0)
+    block = FiLMFusion([CHANNELS], TEXT_DIM, hidden_dim=HIDDEN, word_attention=word_attention)
+    head = nn.Sequential(nn.Linear(block.out_dim, 32), nn.ReLU(), nn.Linear(32, 2))
+    accuracy = trained_accuracy(block, head, named_order_batch, 400)
+    assert (accuracy > 0.9) == learns, f"accuracy {accuracy:.3f}"
+    assert (accuracy < 0.65) == (not learns), f"accuracy {accuracy:.3f}"
+
+
+def test_word_attention_is_one_way_to_pool_the_words() -> None:
+    with pytest.raises(ValueError, match="word_attention and question_glimpses"):
+        FiLMFusion(
+            [CHANNELS], TEXT_DIM, hidden_dim=HIDDEN, word_attention=True, question_glimpses=2
+        )
+
+
 def test_glimpse_positions_need_glimpses() -> None:
     with pytest.raises(ValueError, match="glimpse_positions needs glimpses"):
         FiLMFusion([CHANNELS], TEXT_DIM, hidden_dim=HIDDEN, glimpse_positions=True)

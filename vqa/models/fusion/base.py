@@ -403,7 +403,9 @@ class ConditionedCells(nn.Module):
         self.word_score = (
             nn.Linear(question_dim, question_glimpses, bias=False) if question_glimpses else None
         )
-        self.word_query = nn.Linear(cell_dim, question_dim, bias=False) if word_attention else None
+        # Keys from the words (N per question), not queries from the cells (M of them): the same
+        # bilinear form cell^T W word, at a cost per cell of cell_dim, not question_dim x cell_dim.
+        self.word_key = nn.Linear(question_dim, cell_dim, bias=False) if word_attention else None
         self.cell_norm = (
             SafeBatchNorm1d(cell_dim) if word_attention and question_norm == "batch" else None
         )
@@ -436,10 +438,10 @@ class ConditionedCells(nn.Module):
     def cell_questions(self, cells: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """With ``word_attention``: each cell's own q [B, M, cell_dim], from its scaled
         dot-product attention over the real words (cells [B, M, cell_dim] the queries, tokens
-        [B, N, question_dim] the keys and, projected, the values), and each word's mean weight
+        [B, N, question_dim] projected the keys and the values), and each word's mean weight
         over the cells [B, N]. The projection is linear and the weights sum to 1, so the words
         are projected once and then pooled per cell."""
-        logits = self.word_query(cells) @ tokens.transpose(1, 2) / tokens.shape[-1] ** 0.5
+        logits = cells @ self.word_key(tokens).transpose(1, 2) / cells.shape[-1] ** 0.5
         weights = masked_softmax(logits, mask.unsqueeze(1))  # [B, M, N]
         question = weights @ self.question(tokens)
         if self.cell_norm is not None:

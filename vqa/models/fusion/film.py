@@ -146,7 +146,7 @@ class FiLMFusion(FusionBlock):
         # Zeroing padding keeps junk (even inf/nan) out of the mean.
         text = text.masked_fill(~mask.unsqueeze(-1), 0.0)
         question, question_att = self.conditioning.question_and_weights(text, mask)
-        if self.conditioning.word_query is None:
+        if self.conditioning.word_key is None:
             conditioned = self.conditioning(cells, cell_term, question)  # [B, M, H]
         else:
             per_cell, question_att = self.conditioning.cell_questions(cells, text, mask)
