@@ -452,9 +452,9 @@ class ConditionedCells(nn.Module):
         """cells [B, M, cell_dim] with their ``cell_term`` [B, M, hidden], q [B, cell_dim] (or
         per cell, [B, M, cell_dim]) -> conditioned cells [B, M, hidden_dim]."""
         _, w_question, w_product = self._first_layer_weights()
-        if question.dim() == 2:
-            question = question.unsqueeze(1)
         question_term = question @ w_question.T + self.mlp[0].bias
+        if question.dim() == 2:  # one q per question, broadcast over its cells
+            question_term, question = question_term.unsqueeze(1), question.unsqueeze(1)
         hidden = cell_term + question_term + (cells * question) @ w_product.T
         return self.mlp[1:](hidden)
 
