@@ -101,9 +101,9 @@ def test_glimpse_centres_are_where_the_glimpses_look_in_cells() -> None:
     assert torch.allclose(out, torch.cat([centres.flatten(1), offsets.flatten(1)], dim=1))
 
 
-def relation_batch(generator: torch.Generator, batch: int = 64):
-    """One red and one blue cell on a 1 x 8 strip (the rest empty); the question (one token)
-    asks "is red left of blue?" or "is blue left of red?", answer yes (1) or no (0)."""
+def red_blue_strip(generator: torch.Generator, batch: int):
+    """One red and one blue cell on a 1 x 8 strip (the rest empty), the two cells' positions,
+    and which colour each question names first (1: red)."""
     width = 8
     red = torch.randint(0, width, (batch,), generator=generator)
     blue = (red + torch.randint(1, width, (batch,), generator=generator)) % width
@@ -111,10 +111,17 @@ def relation_batch(generator: torch.Generator, batch: int = 64):
     cells[torch.arange(batch), red], cells[torch.arange(batch), blue] = 1, 2
     visual = F.one_hot(cells, 3).float().permute(0, 2, 1).reshape(batch, 3, 1, width)
     red_first = torch.randint(0, 2, (batch,), generator=generator)
+    answer = torch.where(red_first.bool(), red < blue, blue < red).long()
+    return [visual.contiguous()], red_first, answer
+
+
+def relation_batch(generator: torch.Generator, batch: int = 64):
+    """``red_blue_strip``; the question (one token) asks "is red left of blue?" or "is blue
+    left of red?", answer yes (1) or no (0)."""
+    visual, red_first, answer = red_blue_strip(generator, batch)
     text = F.one_hot(red_first, TEXT_DIM).float().unsqueeze(1)
     mask = torch.ones(batch, 1, dtype=torch.bool)
-    answer = torch.where(red_first.bool(), red < blue, blue < red).long()
-    return [visual.contiguous()], text, mask, answer
+    return visual, text, mask, answer
 
 
 def relation_accuracy(glimpse_positions: bool = False, relation_dim: int = 0) -> float:
@@ -149,23 +156,16 @@ def test_relation_readout_lets_film_compare_two_objects_positions() -> None:
 
 
 def named_order_batch(generator: torch.Generator, batch: int = 64):
-    """``relation_batch``'s strip, but the question names both colours, in either order: token
-    n is its colour's one-hot plus its position's one-hot; the answer is whether the colour
-    named first lies left of the one named second. The mean of the two tokens is the same for
-    both orders, so only a block that binds each word to its position can answer."""
-    width = 8
-    red = torch.randint(0, width, (batch,), generator=generator)
-    blue = (red + torch.randint(1, width, (batch,), generator=generator)) % width
-    cells = torch.zeros(batch, width, dtype=torch.long)
-    cells[torch.arange(batch), red], cells[torch.arange(batch), blue] = 1, 2
-    visual = F.one_hot(cells, 3).float().permute(0, 2, 1).reshape(batch, 3, 1, width)
-    red_first = torch.randint(0, 2, (batch,), generator=generator)
+    """``red_blue_strip``, but the question names both colours, in either order: token n is its
+    colour's one-hot plus its position's one-hot; the answer is whether the colour named first
+    lies left of the one named second. The mean of the two tokens is the same for both orders,
+    so only a block that binds each word to its position can answer."""
+    visual, red_first, answer = red_blue_strip(generator, batch)
     named = torch.stack([1 - red_first, red_first], dim=1)  # per position: 1 red, 0 blue
     text = torch.cat([F.one_hot(named, 2), torch.eye(2).expand(batch, 2, 2).long()], dim=-1)
     text = F.pad(text.float(), (0, TEXT_DIM - 4))
     mask = torch.ones(batch, 2, dtype=torch.bool)
-    answer = torch.where(red_first.bool(), red < blue, blue < red).long()
-    return [visual.contiguous()], text, mask, answer
+    return visual, text, mask, answer
 
 
 @pytest.mark.parametrize(("word_attention", "learns"), [(True, True), (False, False)])

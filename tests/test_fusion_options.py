@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vqa.models.fusion.alternating import AlternatingCoAttention
 from vqa.models.fusion.base import SUM_SCALE, SingleStageFusion
@@ -97,8 +97,12 @@ def test_other_blocks_read_patches_with_grid_stride(kind: str) -> None:
 def test_prepared_once_per_image_equals_per_question(kind: str, options: dict) -> None:
     """VQAModel prepares each distinct image once and repeats it per question: the result must
     be what the block computes from the image repeated per question."""
-    block = build(kind, **options)
-    visual = images(3)
+    check_prepared_once_per_image(build(kind, **options), images(3))
+
+
+def check_prepared_once_per_image(block: nn.Module, visual: list[Tensor]) -> None:
+    """``fuse`` on ``prepare_visual``'s rows repeated per question == the block on the images
+    repeated per question (questions 0-5 ask about images 0, 0, 2, 1, 2, 2)."""
     index = torch.tensor([0, 0, 2, 1, 2, 2])
     text, mask = questions(len(index))
     prepared = [part.index_select(0, index) for part in block.prepare_visual(visual)]
@@ -199,16 +203,7 @@ def test_cot_grid_stride_reads_patches_into_a_coarser_grid() -> None:
     "options", [{}, {"grid_stride": 2, "cell_conditioning": True, "count": True}]
 )
 def test_cot_prepared_once_per_image_equals_per_question(options: dict) -> None:
-    block = build_cot(**options)
-    visual = cot_images(3)
-    index = torch.tensor([0, 0, 2, 1, 2, 2])
-    text, mask = questions(len(index))
-    prepared = [part.index_select(0, index) for part in block.prepare_visual(visual)]
-    grouped = block.fuse(prepared, text, mask)
-    repeated = block([stage.index_select(0, index) for stage in visual], text, mask)
-    torch.testing.assert_close(grouped.features, repeated.features, rtol=0, atol=1e-5)
-    for key, att in repeated.attention.items():
-        torch.testing.assert_close(grouped.attention[key], att, rtol=0, atol=1e-6)
+    check_prepared_once_per_image(build_cot(**options), cot_images(3))
 
 
 def test_cot_count_sums_each_stage_unnormalised() -> None:
