@@ -30,6 +30,12 @@ QUESTION_NORMS = ("batch", "none")
 SUM_SCALE = 1.0 / 8.0
 
 
+def summed(cells: Tensor) -> Tensor:
+    """The unnormalised read-out of cells [B, M, D] -> [B, D]: their sum, scaled by
+    ``SUM_SCALE``. A count survives it; a mean or a softmax would divide it away."""
+    return cells.sum(dim=1) * SUM_SCALE
+
+
 @dataclass
 class FusionOutput:
     """Fused features plus the attention maps worth plotting.
@@ -598,7 +604,7 @@ class SingleStageFusion(FusionBlock):
             x.cells = self.conditioning(x.cells, prepared[1].flatten(1, 2), question)
         out = self.attend(x)
         if self.count:
-            out.features = torch.cat([out.features, x.cells.sum(dim=1) * SUM_SCALE], dim=-1)
+            out.features = torch.cat([out.features, summed(x.cells)], dim=-1)
         return out
 
     def attend(self, x: GridWords) -> FusionOutput:

@@ -44,13 +44,13 @@ from torch import Tensor, nn
 
 from vqa.models.fusion.attention import affinity_attention, pool
 from vqa.models.fusion.base import (
-    SUM_SCALE,
     ConditionedCells,
     FusionBlock,
     FusionOutput,
     SpatialGrid,
     grid_boxes,
     joint,
+    summed,
 )
 from vqa.models.norms import SafeBatchNorm2d
 
@@ -233,7 +233,7 @@ class CoTAttention(FusionBlock):
             output, values, image_att, question_att = stage(parts, text, mask)
             outputs.append(output)
             if self.count:
-                counts.append(values.sum(dim=1) * SUM_SCALE)
+                counts.append(summed(values))
             attention[f"image/stage{index}"] = image_att.unflatten(-1, parts[0].shape[1:3])
             attention[f"question/stage{index}"] = question_att
         features = self.out_proj(torch.cat(outputs, dim=-1))

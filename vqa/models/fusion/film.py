@@ -50,12 +50,12 @@ import torch
 from torch import Tensor, nn
 
 from vqa.models.fusion.base import (
-    SUM_SCALE,
     ConditionedCells,
     FusionBlock,
     FusionOutput,
     RelationReadout,
     grid_boxes,
+    summed,
 )
 from vqa.models.norms import SafeBatchNorm2d
 
@@ -152,7 +152,7 @@ class FiLMFusion(FusionBlock):
             per_cell, question_att = self.conditioning.cell_questions(cells, text, mask)
             conditioned = self.conditioning(cells, cell_term, per_cell)
 
-        parts = [conditioned.sum(dim=1) * SUM_SCALE, question]
+        parts = [summed(conditioned), question]
         if self.glimpse_score is None:
             share = conditioned.sum(dim=-1)  # >= 0 after the ReLU: the cell's share of the sum
             image_att = share / share.sum(dim=1, keepdim=True).clamp_min(1e-12)
