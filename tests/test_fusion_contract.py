@@ -48,6 +48,7 @@ VARIANTS = {
         {"glimpses": 3, "glimpse_positions": True},
         {"relation_dim": 8},
         {"word_attention": True},
+        {"centres_of_mass": True},
     ],
 }
 
