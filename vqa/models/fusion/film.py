@@ -26,6 +26,9 @@ then
 ``word_attention``: each cell conditions on its own attention over the words rather than on
 their mean (``ConditionedCells.cell_questions``), cells and words attending to each other.
 
+``cell_context`` n > 0: n residual 3 x 3 conv layers over the cells, once per image, so that a
+cell sees the whole object it belongs to (``CellContext``).
+
 ``grid_stride`` s > 1 makes each s x s patch of the stage map one cell, read by a trained conv,
 as the co-attention blocks' option of that name does (a finer map, the same grid).
 
@@ -91,6 +94,7 @@ class FiLMFusion(FusionBlock):
         relation_dim: int = 0,
         word_attention: bool = False,
         centres_of_mass: bool = False,
+        cell_context: int = 0,
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if glimpses < 0:
@@ -105,6 +109,8 @@ class FiLMFusion(FusionBlock):
             raise ValueError(f"grid_stride={grid_stride} must be >= 1")
         if relation_dim < 0:
             raise ValueError(f"relation_dim must be >= 0 (0: off), got {relation_dim}")
+        if cell_context < 0:
+            raise ValueError(f"cell_context must be >= 0 (0: off), got {cell_context}")
         dim = hidden_dim // 2
         # Stride s: each s x s patch of a finer cached map is one cell, read by a trained conv
         # that sees the shape of what lies in it (1: a per-cell projection, as always).
@@ -133,6 +139,7 @@ class FiLMFusion(FusionBlock):
         self.centres_of_mass = centres_of_mass
         if centres_of_mass:
             self.out_dim += 2 * hidden_dim
+        self.context = nn.ModuleList(CellContext(dim) for _ in range(cell_context))
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         return self.fuse(self.prepare_visual(visual), text, text_mask)
@@ -141,7 +148,10 @@ class FiLMFusion(FusionBlock):
         """Per image: the cells [U, H, W, D] and their share of the MLP's first layer
         [U, H, W, hidden] (that layer is linear in [cell, question, cell * question], so the
         cell's term is computed once per image, not once per question)."""
-        cells = self.cell_proj(visual[-1]).permute(0, 2, 3, 1)
+        cells = self.cell_proj(visual[-1])
+        for layer in self.context:
+            cells = layer(cells)
+        cells = cells.permute(0, 2, 3, 1)
         height, width = cells.shape[1:3]
         if self.position is not None:
             boxes = grid_boxes(height, width, device=cells.device, dtype=cells.dtype)
@@ -184,6 +194,26 @@ class FiLMFusion(FusionBlock):
                 "question": question_att,
             },
         )
+
+
+class CellContext(nn.Module):
+    """One residual 3 x 3 conv layer over the cell grid [U, D, H, W], once per image.
+
+    A cell is an s x s patch, smaller than most objects, so on its own it sees part of a shape
+    (an edge, a corner); a 3 x 3 neighbourhood of cells covers a whole object. With it, every
+    cell of "the red square" can say "square" before the question is asked, which is what
+    telling "the red circle" from "the red square" apart (one colour, two referents) and
+    counting shapes need. The residual keeps the cell's own features as they were.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1), SafeBatchNorm2d(dim), nn.ReLU()
+        )
+
+    def forward(self, cells: Tensor) -> Tensor:
+        return cells + self.layer(cells)
 
 
 def glimpse_centres(cell_weights: Tensor, height: int, width: int) -> Tensor:
