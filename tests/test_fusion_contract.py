@@ -49,6 +49,7 @@ VARIANTS = {
         {"relation_dim": 8},
         {"word_attention": True},
         {"centres_of_mass": True},
+        {"cell_context": 2},
     ],
 }
 
