@@ -36,11 +36,11 @@ CELL_PERMUTATION_INVARIANT = {"early", "parallel", "alternating"}
 # Block-specific forms checked against the full contract on top of the yaml defaults.
 CONDITIONED = {"cell_conditioning": True, "count": True}
 VARIANTS = {
-    "parallel": [{"form": "lu"}, CONDITIONED],
+    "parallel": [{"form": "lu"}, CONDITIONED, {**CONDITIONED, "cell_context": 1}],
     "early": [{"op": "sum"}],
     "alternating": [{"steps": 1}, {"steps": 3}, CONDITIONED],
     "multihead": [CONDITIONED],
-    "hierarchical": [CONDITIONED],
+    "hierarchical": [CONDITIONED, {"cell_context": 1}],
     "cot": [CONDITIONED],
     "film": [
         {"glimpses": 2},

@@ -255,6 +255,26 @@ def joint(image: Tensor, question: Tensor) -> Tensor:
     return torch.cat([image, question, image * question], dim=-1)
 
 
+class CellContext(nn.Module):
+    """One residual 3 x 3 conv layer over a grid of cells [U, D, H, W], run once per image.
+
+    A cell is an s x s patch, smaller than most objects, so on its own it sees part of a shape
+    (an edge, a corner); a 3 x 3 neighbourhood of cells covers a whole object. With it, every
+    cell of "the red square" can say "square" before the question is asked, which is what
+    telling "the red circle" from "the red square" apart (one colour, two referents) and
+    counting shapes need. The residual keeps the cell's own features as they were.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1), SafeBatchNorm2d(dim), nn.ReLU()
+        )
+
+    def forward(self, cells: Tensor) -> Tensor:
+        return cells + self.layer(cells)
+
+
 class SpatialGrid(nn.Module):
     """Turns one ResNet stage into grid tokens that know where they are.
 
@@ -277,8 +297,11 @@ class SpatialGrid(nn.Module):
         constraint: bool = False,
         norm: str = "none",
         stride: int = 1,
+        context: int = 0,
     ) -> None:
         super().__init__()
+        if context < 0:
+            raise ValueError(f"cell_context must be >= 0 (0: off), got {context}")
         if norm not in GRID_NORMS:
             raise ValueError(f"grid_norm={norm!r} must be one of {GRID_NORMS}")
         if stride < 1:
@@ -298,6 +321,8 @@ class SpatialGrid(nn.Module):
         self.constraint = (
             nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)) if constraint else None
         )
+        # Created last, so a grid without it draws its initial weights as before.
+        self.context = nn.ModuleList(CellContext(dim) for _ in range(context))
 
     def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
         """[B, C, H, W] -> (tokens [B, H*W, dim], constraint weights [1, H*W] or None)."""
@@ -316,6 +341,11 @@ class SpatialGrid(nn.Module):
         tokens = flatten_grid(normed)
         if self.stride == 1:
             tokens = self.proj(tokens)
+        if len(self.context):
+            grid = tokens.transpose(1, 2).unflatten(-1, (h, w))
+            for layer in self.context:
+                grid = layer(grid)
+            tokens = flatten_grid(grid)
         if self.position is not None:
             boxes = grid_boxes(h, w, device=feature_map.device, dtype=tokens.dtype)
             tokens = tokens + self.position(boxes)
@@ -361,10 +391,17 @@ class GridAndWords(nn.Module):
         spatial_constraint: bool = False,
         grid_norm: str = "batch",
         grid_stride: int = 1,
+        cell_context: int = 0,
     ) -> None:
         super().__init__()
         self.grid = SpatialGrid(
-            visual_channels[-1], dim, positional, spatial_constraint, grid_norm, grid_stride
+            visual_channels[-1],
+            dim,
+            positional,
+            spatial_constraint,
+            grid_norm,
+            grid_stride,
+            cell_context,
         )
         self.text_proj = nn.Linear(text_dim, dim)
 
@@ -581,6 +618,7 @@ class SingleStageFusion(FusionBlock):
         cell_conditioning: bool = False,
         count: bool = False,
         question_norm: str = "batch",
+        cell_context: int = 0,
     ) -> None:
         super().__init__(visual_channels, text_dim)
         if count and not cell_conditioning:
@@ -598,6 +636,7 @@ class SingleStageFusion(FusionBlock):
             spatial_constraint,
             grid_norm,
             grid_stride,
+            cell_context,
         )
         self.attention = None
         if attention is not None:

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from vqa.models.fusion.base import (
+    CellContext,
     ConditionedCells,
     FusionBlock,
     FusionOutput,
@@ -194,26 +195,6 @@ class FiLMFusion(FusionBlock):
                 "question": question_att,
             },
         )
-
-
-class CellContext(nn.Module):
-    """One residual 3 x 3 conv layer over the cell grid [U, D, H, W], once per image.
-
-    A cell is an s x s patch, smaller than most objects, so on its own it sees part of a shape
-    (an edge, a corner); a 3 x 3 neighbourhood of cells covers a whole object. With it, every
-    cell of "the red square" can say "square" before the question is asked, which is what
-    telling "the red circle" from "the red square" apart (one colour, two referents) and
-    counting shapes need. The residual keeps the cell's own features as they were.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.layer = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1), SafeBatchNorm2d(dim), nn.ReLU()
-        )
-
-    def forward(self, cells: Tensor) -> Tensor:
-        return cells + self.layer(cells)
 
 
 def glimpse_centres(cell_weights: Tensor, height: int, width: int) -> Tensor:

@@ -82,6 +82,7 @@ class HierarchicalCoAttention(SingleStageFusion):
         cell_conditioning: bool = False,
         count: bool = False,
         question_norm: str = "batch",
+        cell_context: int = 0,
     ) -> None:
         if mode not in COATTENTIONS:
             raise ValueError(f"mode must be one of {sorted(COATTENTIONS)}, got {mode!r}")
@@ -98,6 +99,7 @@ class HierarchicalCoAttention(SingleStageFusion):
             cell_conditioning=cell_conditioning,
             count=count,
             question_norm=question_norm,
+            cell_context=cell_context,
         )
         self.ngrams = nn.ModuleList(nn.Conv1d(hidden_dim, hidden_dim, w) for w in NGRAM_WIDTHS)
         self.sentence_rnn = nn.LSTM(hidden_dim, hidden_dim, batch_first=True)

@@ -47,6 +47,7 @@ class MultiheadCoAttention(SingleStageFusion):
         cell_conditioning: bool = False,
         count: bool = False,
         question_norm: str = "batch",
+        cell_context: int = 0,
     ) -> None:
         super().__init__(
             visual_channels,
@@ -63,4 +64,5 @@ class MultiheadCoAttention(SingleStageFusion):
             cell_conditioning=cell_conditioning,
             count=count,
             question_norm=question_norm,
+            cell_context=cell_context,
         )

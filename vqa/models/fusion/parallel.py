@@ -59,6 +59,7 @@ class ParallelCoAttention(SingleStageFusion):
         cell_conditioning: bool = False,
         count: bool = False,
         question_norm: str = "batch",
+        cell_context: int = 0,
     ) -> None:
         super().__init__(
             visual_channels,
@@ -75,4 +76,5 @@ class ParallelCoAttention(SingleStageFusion):
             cell_conditioning=cell_conditioning,
             count=count,
             question_norm=question_norm,
+            cell_context=cell_context,
         )
