@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqa.models.fusion.base import centres_of_mass
 from vqa.models.fusion.film import FiLMFusion, glimpse_centres
 from vqa.models.norms import SafeBatchNorm1d, SafeBatchNorm2d
 
@@ -125,21 +124,18 @@ def relation_batch(generator: torch.Generator, batch: int = 64):
     return visual, text, mask, answer
 
 
-def relation_accuracy(
-    glimpse_positions: bool = False, relation_dim: int = 0, with_centres: bool = False
-) -> float:
+def relation_accuracy(glimpse_positions: bool = False, relation_dim: int = 0) -> float:
     """FiLM with no box embeddings trained on ``relation_batch``: with two glimpses, or
-    (``relation_dim``, ``with_centres``) with that read-out beside the sum alone."""
+    (``relation_dim``) with the relation read-out alone."""
     torch.manual_seed(0)
     block = FiLMFusion(
         [CHANNELS],
         TEXT_DIM,
         hidden_dim=HIDDEN,
-        glimpses=0 if relation_dim or with_centres else 2,
+        glimpses=0 if relation_dim else 2,
         glimpse_positions=glimpse_positions,
         positional=False,
         relation_dim=relation_dim,
-        centres_of_mass=with_centres,
     )
     head = nn.Sequential(nn.Linear(block.out_dim, 32), nn.ReLU(), nn.Linear(32, 2))
     return trained_accuracy(block, head, relation_batch, 300)
@@ -157,30 +153,6 @@ def test_relation_readout_lets_film_compare_two_objects_positions() -> None:
     """The same strip, no glimpses, no box embeddings: each cell's sums of what lies left and
     right of it are all the block knows of positions, and they answer "is A left of B?"."""
     assert relation_accuracy(relation_dim=8) > 0.95
-
-
-def test_centres_of_mass_let_film_compare_two_objects_positions() -> None:
-    """The same strip, no glimpses, no box embeddings: the conditioned channels' centres are
-    all the block knows of positions, and they answer "is A left of B?" (without any position
-    read-out, chance: the glimpse test above)."""
-    assert relation_accuracy(with_centres=True) > 0.95
-
-
-def test_centres_of_mass_weigh_cells_by_mass_not_by_area() -> None:
-    """On a 2 (high) x 4 (wide) grid, centres in cells from the middle (x = col - 1.5,
-    y = row - 0.5): a channel on one cell gives that cell's centre; on two whole cells or on
-    the same two cells at a tenth of the mass, their midpoint (the centre does not grow with
-    the object, as a sum does); three parts to one, three quarters of the way; a channel that
-    fires nowhere, the middle (0)."""
-    height, width = 2, 4
-    cells = torch.zeros(1, height * width, 5)
-    cells[0, 1 * width + 3, 0] = 2.0  # (row 1, col 3)
-    cells[0, [0, 1], 1] = 1.0  # (0, 0) and (0, 1)
-    cells[0, [0, 1], 2] = 0.1
-    cells[0, 2, 3], cells[0, 3, 3] = 3.0, 1.0  # (0, 2) three parts, (0, 3) one
-    xs, ys = centres_of_mass(cells, height, width).view(2, 5)
-    assert torch.allclose(xs, torch.tensor([1.5, -1.0, -1.0, 0.75, 0.0]), atol=1e-5)
-    assert torch.allclose(ys, torch.tensor([0.5, -0.5, -0.5, -0.5, 0.0]), atol=1e-5)
 
 
 def named_order_batch(generator: torch.Generator, batch: int = 64):

@@ -48,7 +48,6 @@ VARIANTS = {
         {"glimpses": 3, "glimpse_positions": True},
         {"relation_dim": 8},
         {"word_attention": True},
-        {"centres_of_mass": True},
         {"cell_context": 2},
     ],
 }

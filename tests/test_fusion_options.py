@@ -79,14 +79,42 @@ def test_other_blocks_read_patches_with_grid_stride(kind: str) -> None:
     out = block(images(2), text, mask)
     assert all(m.shape == (2, 4, 4) for key, m in out.attention.items() if key.startswith("image"))
 
-    def cells(visual: list[Tensor]) -> Tensor:
-        return block.prepare_visual(visual)[0] if kind == "film" else block.inputs.cells(visual)
-
     visual = images(2)
-    before = cells(visual)
+    before = grid_cells(kind, block, visual)
     visual[0][0, :, :2, :2] += 5.0
-    moved = (cells(visual) - before).abs().amax(-1) > 1e-6
+    moved = (grid_cells(kind, block, visual) - before).abs().amax(-1) > 1e-6
     assert moved.shape == (2, 4, 4) and moved[0, 0, 0] and moved.sum() == 1
+
+
+def grid_cells(kind: str, block: nn.Module, visual: list[Tensor]) -> Tensor:
+    """The block's per-image cells [U, H, W, D], before any question."""
+    return block.prepare_visual(visual)[0] if kind == "film" else block.inputs.cells(visual)
+
+
+GRID_BLOCKS = {**BLOCKS, **OTHER_GRID_BLOCKS}
+GRID_BLOCKS.pop("early")  # no cell_context: it pools the grid, it has no cells to widen
+
+
+@pytest.mark.parametrize("kind", GRID_BLOCKS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_cell_context_widens_what_a_cell_sees_by_one_cell_per_layer(
+    kind: str, stride: int, layers: int
+) -> None:
+    """A change inside the cell at (row 3, col 3) moves that cell alone without context, and
+    with n layers of it every cell up to n cells away (rows and columns 3 - n .. 3 + n), not
+    one further: each layer is a 3 x 3 neighbourhood of cells, whatever the patch size."""
+    torch.manual_seed(0)
+    block = GRID_BLOCKS[kind](
+        CHANNELS, TEXT_DIM, hidden_dim=HIDDEN, grid_stride=stride, cell_context=layers
+    ).eval()
+    visual = images(1, 8 * stride, 8 * stride)
+    before = grid_cells(kind, block, visual)
+    visual[0][0, :, 3 * stride : 4 * stride, 3 * stride : 4 * stride] += 5.0
+    moved = (grid_cells(kind, block, visual) - before).abs().amax(-1)[0] > 1e-6
+    near = torch.zeros(8, 8, dtype=torch.bool)
+    near[3 - layers : 4 + layers, 3 - layers : 4 + layers] = True
+    assert torch.equal(moved, near)
 
 
 @pytest.mark.parametrize("kind", BLOCKS)
@@ -164,6 +192,7 @@ def test_default_options_leave_the_parameters_unchanged() -> None:
     """Off, the options add no parameter: a default block's state dict keeps its keys."""
     keys = set(build("parallel").state_dict())
     assert not any(k.startswith("conditioning.") for k in keys)
+    assert not any(".context." in k for k in keys)
     assert "inputs.grid.proj.weight" in keys
 
 

@@ -167,31 +167,6 @@ def grid_boxes(height: int, width: int, device=None, dtype=None) -> Tensor:
     return boxes.reshape(height * width, 4)
 
 
-def cell_centres(height: int, width: int, device=None, dtype=None) -> Tensor:
-    """Every grid cell's centre (x, y) [H*W, 2], row-major, in cells from the grid's middle: a
-    few cells' offset then weighs as much in a head's input as a summed read-out beside it (a
-    [0, 1] scale would make a close call a 0.1 input)."""
-    boxes = grid_boxes(height, width, device=device, dtype=dtype)
-    return ((boxes[:, :2] + boxes[:, 2:]) / 2 - 0.5) * boxes.new_tensor([width, height])
-
-
-def centres_of_mass(cells: Tensor, height: int, width: int) -> Tensor:
-    """Where each channel of non-negative cells [B, H*W, D] (row-major) lies: its centre of
-    mass (x, y) over the grid, in cells (``cell_centres``), [B, 2 D] as all x then all y.
-
-    "Is A left of B?" from a sum over cells is a ratio the head must learn to divide out (the
-    sum weighs a position by the object's area, so a small A and a large B compare wrongly);
-    normalised by the channel's own mass, a channel that fires on A gives A's centre whatever
-    its size, weighted by how much of each cell A covers, so finer than a cell, and "A left of
-    B" is the sign of a difference of two inputs. A channel that fires nowhere gives 0, the
-    grid's middle; its mass is in the summed read-out beside it.
-    """
-    centres = cell_centres(height, width, device=cells.device, dtype=cells.dtype)
-    mass = cells.sum(dim=1).unsqueeze(-1)  # [B, D, 1]
-    moments = cells.transpose(1, 2) @ centres  # [B, D, 2]
-    return (moments / (mass + 1e-6)).transpose(1, 2).flatten(1)
-
-
 def keep_top_k(logits: Tensor, k: int | None, valid: Tensor | None = None) -> Tensor:
     """Boolean mask of the ``k`` largest valid logits along the last dim (sparse attention).
 

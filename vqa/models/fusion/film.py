@@ -19,10 +19,6 @@ then
 * read by ``RelationReadout`` (``relation_dim`` > 0): each cell with what lies left of, right
   of, above and below it, summed ("is A left of B": A's cells with B's to their right).
 
-* read by ``centres_of_mass``: where each conditioned channel lies, its centre of mass over the
-  grid ("is A left of B": the sign of the difference of the centres of a channel that fires on
-  A and of one that fires on B, whatever the two objects' sizes).
-
 ``word_attention``: each cell conditions on its own attention over the words rather than on
 their mean (``ConditionedCells.cell_questions``), cells and words attending to each other.
 
@@ -62,8 +58,6 @@ from vqa.models.fusion.base import (
     FusionBlock,
     FusionOutput,
     RelationReadout,
-    cell_centres,
-    centres_of_mass,
     grid_boxes,
     summed,
 )
@@ -94,7 +88,6 @@ class FiLMFusion(FusionBlock):
         glimpse_positions: bool = False,
         relation_dim: int = 0,
         word_attention: bool = False,
-        centres_of_mass: bool = False,
         cell_context: int = 0,
     ) -> None:
         super().__init__(visual_channels, text_dim)
@@ -137,9 +130,6 @@ class FiLMFusion(FusionBlock):
         )
         if self.relations is not None:
             self.out_dim += hidden_dim
-        self.centres_of_mass = centres_of_mass
-        if centres_of_mass:
-            self.out_dim += 2 * hidden_dim
         self.context = nn.ModuleList(CellContext(dim) for _ in range(cell_context))
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
@@ -186,8 +176,6 @@ class FiLMFusion(FusionBlock):
             image_att = cell_weights.mean(dim=-1)
         if self.relations is not None:
             parts.append(self.relations(conditioned, height, width))
-        if self.centres_of_mass:
-            parts.append(centres_of_mass(conditioned, height, width))
         return FusionOutput(
             features=torch.cat(parts, dim=-1),
             attention={
@@ -203,7 +191,9 @@ def glimpse_centres(cell_weights: Tensor, height: int, width: int) -> Tensor:
     i < j (P pairs). In cells from the grid's middle, so that a few cells' offset weighs as
     much in the head's input as the summed read-out beside it (a [0, 1] scale would make a
     close call a 0.1 input). The weights are taken before dropout: the positions are exact."""
-    centres = cell_centres(height, width, device=cell_weights.device, dtype=cell_weights.dtype)
+    boxes = grid_boxes(height, width, device=cell_weights.device, dtype=cell_weights.dtype)
+    scale = boxes.new_tensor([width, height])
+    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2 - 0.5) * scale  # [M, 2], in cells
     looked = cell_weights.transpose(1, 2) @ centres  # [B, G, 2]
     pairs = combinations(range(looked.shape[1]), 2)
     offsets = [looked[:, i] - looked[:, j] for i, j in pairs]  # P x [B, 2]
