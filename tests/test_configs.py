@@ -161,16 +161,23 @@ def test_default_composition_is_the_quickstart(tmp_path: Path) -> None:
 
 
 def test_quickstart_reads_layer1_at_128px_in_patches(tmp_path: Path) -> None:
-    """The quick-start is film over layer1's 128 px map read in 2 x 2 patches: the command the
-    README measured, and its block sees a 16 x 16 grid."""
+    """The quick-start is film over layer1's 128 px map read in 2 x 2 patches, with one context
+    layer over the cells: the recipe the README measured, and its block sees a 16 x 16 grid."""
     quickstart = compose_config("train", [], tmp_path)
     command = compose_config(
         "train",
-        ["data.image_size=128", "fusion=film", "fusion.grid_stride=2", "trainer.max_epochs=14"],
+        [
+            "data.image_size=128",
+            "fusion=film",
+            "fusion.grid_stride=2",
+            "fusion.cell_context=1",
+            "trainer.max_epochs=14",
+        ],
         tmp_path,
     )
     assert resolved(quickstart) == resolved(command)
     block = instantiate(quickstart.fusion)(visual_channels=[256], text_dim=32).eval()
+    assert len(block.context) == 1
     text, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
     out = block([torch.randn(2, 256, 32, 32)], text, mask)
     assert out.attention["image"].shape == (2, 16, 16)
