@@ -250,6 +250,14 @@ class CellContext(nn.Module):
         return cells + self.layer(cells)
 
 
+def context_layers(dim: int, layers: int) -> nn.Sequential:
+    """The ``cell_context`` option: ``layers`` ``CellContext`` layers over cells ``dim`` wide,
+    applied in turn; 0 gives an empty Sequential (the identity, no parameters)."""
+    if layers < 0:
+        raise ValueError(f"cell_context must be >= 0 (0: off), got {layers}")
+    return nn.Sequential(*(CellContext(dim) for _ in range(layers)))
+
+
 class SpatialGrid(nn.Module):
     """Turns one ResNet stage into grid tokens that know where they are.
 
@@ -275,8 +283,6 @@ class SpatialGrid(nn.Module):
         context: int = 0,
     ) -> None:
         super().__init__()
-        if context < 0:
-            raise ValueError(f"cell_context must be >= 0 (0: off), got {context}")
         if norm not in GRID_NORMS:
             raise ValueError(f"grid_norm={norm!r} must be one of {GRID_NORMS}")
         if stride < 1:
@@ -297,7 +303,7 @@ class SpatialGrid(nn.Module):
             nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)) if constraint else None
         )
         # Created last, so a grid without it draws its initial weights as before.
-        self.context = nn.ModuleList(CellContext(dim) for _ in range(context))
+        self.context = context_layers(dim, context)
 
     def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
         """[B, C, H, W] -> (tokens [B, H*W, dim], constraint weights [1, H*W] or None)."""
@@ -317,10 +323,7 @@ class SpatialGrid(nn.Module):
         if self.stride == 1:
             tokens = self.proj(tokens)
         if len(self.context):
-            grid = tokens.transpose(1, 2).unflatten(-1, (h, w))
-            for layer in self.context:
-                grid = layer(grid)
-            tokens = flatten_grid(grid)
+            tokens = flatten_grid(self.context(tokens.transpose(1, 2).unflatten(-1, (h, w))))
         if self.position is not None:
             boxes = grid_boxes(h, w, device=feature_map.device, dtype=tokens.dtype)
             tokens = tokens + self.position(boxes)

@@ -53,11 +53,11 @@ import torch
 from torch import Tensor, nn
 
 from vqa.models.fusion.base import (
-    CellContext,
     ConditionedCells,
     FusionBlock,
     FusionOutput,
     RelationReadout,
+    context_layers,
     grid_boxes,
     summed,
 )
@@ -103,8 +103,6 @@ class FiLMFusion(FusionBlock):
             raise ValueError(f"grid_stride={grid_stride} must be >= 1")
         if relation_dim < 0:
             raise ValueError(f"relation_dim must be >= 0 (0: off), got {relation_dim}")
-        if cell_context < 0:
-            raise ValueError(f"cell_context must be >= 0 (0: off), got {cell_context}")
         dim = hidden_dim // 2
         # Stride s: each s x s patch of a finer cached map is one cell, read by a trained conv
         # that sees the shape of what lies in it (1: a per-cell projection, as always).
@@ -130,7 +128,7 @@ class FiLMFusion(FusionBlock):
         )
         if self.relations is not None:
             self.out_dim += hidden_dim
-        self.context = nn.ModuleList(CellContext(dim) for _ in range(cell_context))
+        self.context = context_layers(dim, cell_context)
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> FusionOutput:
         return self.fuse(self.prepare_visual(visual), text, text_mask)
@@ -139,10 +137,7 @@ class FiLMFusion(FusionBlock):
         """Per image: the cells [U, H, W, D] and their share of the MLP's first layer
         [U, H, W, hidden] (that layer is linear in [cell, question, cell * question], so the
         cell's term is computed once per image, not once per question)."""
-        cells = self.cell_proj(visual[-1])
-        for layer in self.context:
-            cells = layer(cells)
-        cells = cells.permute(0, 2, 3, 1)
+        cells = self.context(self.cell_proj(visual[-1])).permute(0, 2, 3, 1)
         height, width = cells.shape[1:3]
         if self.position is not None:
             boxes = grid_boxes(height, width, device=cells.device, dtype=cells.dtype)
