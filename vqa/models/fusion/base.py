@@ -234,7 +234,7 @@ class CellContext(nn.Module):
     """One residual 3 x 3 conv layer over a grid of cells [U, D, H, W], run once per image.
 
     A cell is an s x s patch, smaller than most objects, so on its own it sees part of a shape
-    (an edge, a corner); a 3 x 3 neighbourhood of cells covers a whole object. With it, every
+    (an edge, a corner); a 3 x 3 neighbourhood of cells covers most of one. With it, every
     cell of "the red square" can say "square" before the question is asked, which is what
     telling "the red circle" from "the red square" apart (one colour, two referents) and
     counting shapes need. The residual keeps the cell's own features as they were.
